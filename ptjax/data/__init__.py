@@ -1,0 +1,52 @@
+"""Data for post-training: tokenizers, validated JSONL readers, encoding with loss masks, packing,
+resumable batch iterators and the synthetic tasks of the embedded demo."""
+
+from ptjax.data.encode import encode_chat_prompt, encode_prompt, encode_sft
+from ptjax.data.errors import DataError
+from ptjax.data.iterator import PackedBatches, eval_batches
+from ptjax.data.packing import pack
+from ptjax.data.records import (
+    ChatRecord,
+    PreferenceRecord,
+    SFTRecord,
+    parse_sft_record,
+    read_preference_jsonl,
+    read_sft_jsonl,
+    write_jsonl,
+)
+from ptjax.data.synthetic import (
+    TASKS,
+    eval_set,
+    instruction_prompt,
+    instruction_records,
+    pretraining_texts,
+    score,
+)
+from ptjax.data.tokenizer import ByteTokenizer, HFTokenizer, Tokenizer, load_tokenizer
+
+__all__ = [
+    "TASKS",
+    "ByteTokenizer",
+    "ChatRecord",
+    "DataError",
+    "HFTokenizer",
+    "PackedBatches",
+    "PreferenceRecord",
+    "SFTRecord",
+    "Tokenizer",
+    "encode_chat_prompt",
+    "encode_prompt",
+    "encode_sft",
+    "eval_batches",
+    "eval_set",
+    "instruction_prompt",
+    "instruction_records",
+    "load_tokenizer",
+    "pack",
+    "parse_sft_record",
+    "pretraining_texts",
+    "read_preference_jsonl",
+    "read_sft_jsonl",
+    "score",
+    "write_jsonl",
+]

@@ -1,0 +1,176 @@
+"""JSONL readers for SFT and preference data, validating every record as it is read.
+
+Each reader returns plain frozen dataclasses, so everything downstream can trust the types, and
+reports the first malformed record as a `DataError` naming the file, line and field.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from collections.abc import Iterator
+from typing import Any
+
+from ptjax.data.errors import DataError
+
+CHAT_ROLES = ("system", "user", "assistant")
+
+
+@dataclasses.dataclass(frozen=True)
+class SFTRecord:
+    """One supervised example: the model learns to produce `completion` after `prompt`."""
+
+    prompt: str
+    completion: str
+
+
+@dataclasses.dataclass(frozen=True)
+class ChatRecord:
+    """A conversation of `(role, content)` pairs; the model learns the assistant turns."""
+
+    messages: tuple[tuple[str, str], ...]
+
+
+@dataclasses.dataclass(frozen=True)
+class PreferenceRecord:
+    """A prompt with a preferred and a dispreferred response (reward modelling, DPO)."""
+
+    prompt: str
+    chosen: str
+    rejected: str
+
+
+def _type_name(value: Any) -> str:
+    """The JSON name of a value's type, as a user who wrote the file would call it."""
+    if value is None:
+        return "null"
+    if isinstance(value, dict):
+        return "object"
+    return type(value).__name__
+
+
+def _json_objects(path: str | os.PathLike) -> Iterator[tuple[int, dict]]:
+    """`(line_number, object)` for each non-blank line of a JSONL file, 1-based.
+
+    Lines are decoded one at a time so that bad UTF-8 and bad JSON are both reported at their line.
+    """
+    try:
+        f = open(path, "rb")
+    except FileNotFoundError:
+        raise DataError(path, "file not found") from None
+    except OSError as e:
+        raise DataError(path, f"cannot read file ({e.strerror})") from None
+    count = 0
+    with f:
+        for line_number, raw in enumerate(f, start=1):
+            try:
+                text = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise DataError(path, f"not valid UTF-8 ({e.reason})", line_number) from None
+            if not text.strip():
+                continue
+            try:
+                obj = json.loads(text)
+            except json.JSONDecodeError as e:
+                problem = f"invalid JSON ({e.msg} at column {e.colno})"
+                raise DataError(path, problem, line_number) from None
+            if not isinstance(obj, dict):
+                problem = f"expected a JSON object, got {_type_name(obj)}"
+                raise DataError(path, problem, line_number)
+            count += 1
+            yield line_number, obj
+    if count == 0:
+        raise DataError(path, "file is empty (no records)")
+
+
+def _string_field(obj: dict, key: str, field: str, path, line: int | None) -> str:
+    """`obj[key]`, required to be a string; `field` is the name used in error messages."""
+    if key not in obj:
+        raise DataError(path, f"missing field '{field}'", line)
+    value = obj[key]
+    if not isinstance(value, str):
+        raise DataError(path, f"field '{field}': expected a string, got {_type_name(value)}", line)
+    return value
+
+
+def _chat_record(messages: Any, path, line: int | None) -> ChatRecord:
+    """A validated `ChatRecord` from the JSON value of a `messages` field."""
+    if not isinstance(messages, list):
+        problem = f"field 'messages': expected a list, got {_type_name(messages)}"
+        raise DataError(path, problem, line)
+    pairs = []
+    for i, message in enumerate(messages):
+        field = f"messages[{i}]"
+        if not isinstance(message, dict):
+            problem = f"field '{field}': expected a JSON object, got {_type_name(message)}"
+            raise DataError(path, problem, line)
+        role = _string_field(message, "role", f"{field}.role", path, line)
+        if role not in CHAT_ROLES:
+            allowed = ", ".join(CHAT_ROLES)
+            problem = f"field '{field}.role': unknown role {role!r} (allowed: {allowed})"
+            raise DataError(path, problem, line)
+        content = _string_field(message, "content", f"{field}.content", path, line)
+        pairs.append((role, content))
+    if not any(role == "assistant" for role, _ in pairs):
+        raise DataError(path, "field 'messages': no assistant message (nothing to train on)", line)
+    return ChatRecord(messages=tuple(pairs))
+
+
+def parse_sft_record(obj: Any, path: str | os.PathLike = "<record>", line: int | None = None):
+    """A validated `SFTRecord` or `ChatRecord` from one decoded JSON object.
+
+    Shared by the file reader and by callers holding records in memory (the synthetic demo data),
+    so both get the same checks; `path`/`line` only label error messages.
+    """
+    if not isinstance(obj, dict):
+        raise DataError(path, f"expected a JSON object, got {_type_name(obj)}", line)
+    if "messages" in obj:
+        return _chat_record(obj["messages"], path, line)
+    if "prompt" not in obj and "completion" not in obj:
+        problem = "missing field 'prompt' (a record needs 'prompt' and 'completion', or 'messages')"
+        raise DataError(path, problem, line)
+    prompt = _string_field(obj, "prompt", "prompt", path, line)
+    completion = _string_field(obj, "completion", "completion", path, line)
+    return SFTRecord(prompt=prompt, completion=completion)
+
+
+def read_sft_jsonl(path: str | os.PathLike) -> list[SFTRecord | ChatRecord]:
+    """All records of an SFT JSONL file: `{"prompt", "completion"}` or `{"messages": [...]}` lines.
+
+    Validates everything up front, so a bad record fails the run before training, not hours in.
+    Extra fields are ignored, so files carrying ids or metadata load unchanged.
+    """
+    return [parse_sft_record(obj, path, line) for line, obj in _json_objects(path)]
+
+
+def read_preference_jsonl(path: str | os.PathLike) -> list[PreferenceRecord]:
+    """All records of a preference JSONL file with string fields `prompt`, `chosen`, `rejected`.
+
+    Validated up front like `read_sft_jsonl`; `chosen == rejected` is allowed (it carries no
+    preference signal but is not malformed).
+    """
+    records = []
+    for line, obj in _json_objects(path):
+        records.append(
+            PreferenceRecord(
+                prompt=_string_field(obj, "prompt", "prompt", path, line),
+                chosen=_string_field(obj, "chosen", "chosen", path, line),
+                rejected=_string_field(obj, "rejected", "rejected", path, line),
+            )
+        )
+    return records
+
+
+def write_jsonl(path: str | os.PathLike, records: list[dict]) -> None:
+    """Write one JSON object per line (UTF-8, non-ASCII kept readable), creating parent folders.
+
+    The demo and tests produce their data files with it, so they exercise the same readers a user's
+    files go through.
+    """
+    folder = os.path.dirname(os.fspath(path))
+    if folder:
+        os.makedirs(folder, exist_ok=True)
+    with open(path, "w", encoding="utf-8") as f:
+        for record in records:
+            f.write(json.dumps(record, ensure_ascii=False) + "\n")

@@ -1,0 +1,65 @@
+"""Model dimensions and the named presets configs refer to (`model.preset`)."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax.numpy as jnp
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    """Dimensions of a Llama-family decoder; frozen so it can be a static jit argument."""
+
+    vocab_size: int
+    hidden: int
+    mlp: int
+    layers: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    rope_theta: float = 10000.0
+    norm_eps: float = 1e-6
+    tie_embeddings: bool = False
+    qkv_bias: bool = False  # Qwen2 puts biases on q/k/v only
+    dtype: str = "float32"  # compute dtype of the matmuls; master weights stay float32
+    remat: str = "none"  # "none" | "full" (recompute each layer in the backward pass)
+
+    @property
+    def compute_dtype(self):
+        return jnp.dtype(self.dtype)
+
+    @property
+    def groups(self) -> int:
+        return self.heads // self.kv_heads
+
+    def __post_init__(self):
+        if self.heads % self.kv_heads:
+            raise ValueError(f"heads ({self.heads}) must be a multiple of kv_heads ({self.kv_heads})")
+        if self.head_dim % 2:
+            raise ValueError(f"head_dim must be even for RoPE, got {self.head_dim}")
+        if self.remat not in ("none", "full"):
+            raise ValueError(f"remat must be 'none' or 'full', got {self.remat!r}")
+
+
+PRESETS = {
+    # Unit tests: small enough that a compile takes a second.
+    "tiny": ModelConfig(vocab_size=259, hidden=32, mlp=64, layers=2, heads=4, kv_heads=2, head_dim=8),
+    # The embedded demo: a few million parameters over the built-in byte tokenizer.
+    "demo": ModelConfig(vocab_size=259, hidden=256, mlp=688, layers=4, heads=4, kv_heads=2,
+                        head_dim=64),
+    # The CPU benchmark model.
+    "llama-56m": ModelConfig(vocab_size=32000, hidden=512, mlp=1408, layers=8, heads=8, kv_heads=4,
+                             head_dim=64),
+    # Llama-3.2-1B's dimensions, for GPU runs.
+    "llama-1b": ModelConfig(vocab_size=128256, hidden=2048, mlp=8192, layers=16, heads=32,
+                            kv_heads=8, head_dim=64, rope_theta=500000.0, norm_eps=1e-5,
+                            tie_embeddings=True),
+}
+
+
+def preset(name: str, **overrides) -> ModelConfig:
+    """A named preset with field overrides (e.g. `dtype="bfloat16"`); unknown names list the valid ones."""
+    if name not in PRESETS:
+        raise ValueError(f"unknown model preset {name!r}; choose one of {sorted(PRESETS)}")
+    return dataclasses.replace(PRESETS[name], **overrides)

@@ -1,0 +1,278 @@
+"""Llama-family decoder as pure functions over a nested-dict parameter pytree.
+
+Layout of the pytree (kernels are [in, out]; Hugging Face's [out, in] is transposed on import):
+
+    embed/embedding            [vocab, hidden]
+    layers_{i}/attn_norm/scale [hidden]
+    layers_{i}/attn/{q,k,v,o}/kernel (+ q,k,v bias when `qkv_bias`)
+    layers_{i}/mlp_norm/scale  [hidden]
+    layers_{i}/mlp/{gate,up,down}/kernel
+    final_norm/scale           [hidden]
+    lm_head/kernel             [hidden, vocab]   (absent when embeddings are tied)
+
+Every matmul goes through `ops.linear`, every lookup through `ops.embed`, so weight nodes (LoRA,
+NF4, ...) plug in without this file changing. Pure functions instead of `flax.linen` because linen's
+`self.param` rejects a node whose leaves have other shapes than the initializer's (packed codes).
+
+Attention masking is one rule for training, packing, padding, prefixes and the KV cache: query i
+sees key j iff `slot_j <= slot_i` and the key's segment equals the query's (segment 0 is padding;
+a negative key segment, used for prefixes, is visible to every non-padding query).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from ptjax import ops
+from ptjax.models.config import ModelConfig
+
+Params = dict[str, Any]
+F32 = jnp.float32
+
+
+# ----------------------------------------------------------------------------- init
+
+
+def init_params(cfg: ModelConfig, key) -> Params:
+    """Random float32 parameters: normal(0, 0.02) matrices, residual outputs scaled by depth."""
+    std = 0.02
+    out_std = std / math.sqrt(2 * cfg.layers)
+    keys = iter(jax.random.split(key, 8 * cfg.layers + 4))
+
+    def normal(shape, s=std):
+        return s * jax.random.normal(next(keys), shape, F32)
+
+    d, q_dim, kv_dim = cfg.hidden, cfg.heads * cfg.head_dim, cfg.kv_heads * cfg.head_dim
+    params: Params = {"embed": {"embedding": normal((cfg.vocab_size, d))}}
+    for i in range(cfg.layers):
+        attn = {
+            "q": {"kernel": normal((d, q_dim))},
+            "k": {"kernel": normal((d, kv_dim))},
+            "v": {"kernel": normal((d, kv_dim))},
+            "o": {"kernel": normal((q_dim, d), out_std)},
+        }
+        if cfg.qkv_bias:
+            for name, width in (("q", q_dim), ("k", kv_dim), ("v", kv_dim)):
+                attn[name]["bias"] = jnp.zeros((width,), F32)
+        params[f"layers_{i}"] = {
+            "attn_norm": {"scale": jnp.ones((d,), F32)},
+            "attn": attn,
+            "mlp_norm": {"scale": jnp.ones((d,), F32)},
+            "mlp": {
+                "gate": {"kernel": normal((d, cfg.mlp))},
+                "up": {"kernel": normal((d, cfg.mlp))},
+                "down": {"kernel": normal((cfg.mlp, d), out_std)},
+            },
+        }
+    params["final_norm"] = {"scale": jnp.ones((d,), F32)}
+    if not cfg.tie_embeddings:
+        params["lm_head"] = {"kernel": normal((d, cfg.vocab_size))}
+    return params
+
+
+# Logical axis names per parameter, matched by path regex (first match wins). The sharding rules
+# in the config map these names to mesh axes.
+PARAM_AXES = (
+    (r"embed/embedding$", ("vocab", "embed")),
+    (r"attn/q/kernel$", ("embed", "heads")),
+    (r"attn/[kv]/kernel$", ("embed", "kv")),
+    (r"attn/q/bias$", ("heads",)),
+    (r"attn/[kv]/bias$", ("kv",)),
+    (r"attn/o/kernel$", ("heads", "embed")),
+    (r"mlp/(gate|up)/kernel$", ("embed", "mlp")),
+    (r"mlp/down/kernel$", ("mlp", "embed")),
+    (r"norm/scale$", ("norm",)),
+    (r"lm_head/kernel$", ("embed", "vocab")),
+)
+
+
+# ----------------------------------------------------------------------------- pieces
+
+
+def rms_norm(x, scale, eps):
+    """RMSNorm in float32 (the statistics need the range), returned in float32."""
+    x = x.astype(F32)
+    x = x * jax.lax.rsqrt(jnp.mean(x * x, axis=-1, keepdims=True) + eps)
+    return x * scale.astype(F32)
+
+
+def rope(x, positions, theta):
+    """Rotary embedding, rotate-half convention (Hugging Face Llama). x [b, s, h, d], positions [b, s]."""
+    d = x.shape[-1]
+    inv_freq = 1.0 / (theta ** (jnp.arange(0, d, 2, dtype=F32) / d))
+    angles = positions.astype(F32)[..., None] * inv_freq  # [b, s, d/2]
+    angles = jnp.concatenate([angles, angles], axis=-1)[:, :, None, :]
+    cos, sin = jnp.cos(angles), jnp.sin(angles)
+    xf = x.astype(F32)
+    x1, x2 = jnp.split(xf, 2, axis=-1)
+    rotated = jnp.concatenate([-x2, x1], axis=-1)
+    return (xf * cos + rotated * sin).astype(x.dtype)
+
+
+def attention_mask(q_slots, q_segments, k_slots, k_segments):
+    """Boolean [b, s, t] mask from slot indices and segment ids (see the module docstring)."""
+    causal = k_slots[:, None, :] <= q_slots[:, :, None]
+    same = (k_segments[:, None, :] == q_segments[:, :, None]) | (k_segments[:, None, :] < 0)
+    return causal & same & (q_segments[:, :, None] != 0)
+
+
+def _project(x, p, dtype):
+    y = ops.linear(x, p["kernel"], dtype)
+    if "bias" in p:
+        y = y + p["bias"].astype(dtype)
+    return y
+
+
+def attention_block(p, cfg: ModelConfig, x, positions, mask, kv: dict | None, write_slot=None):
+    """Grouped-query attention. `kv` holds the layer's cache ([b, kv, d, T] keys and values)
+    or a prefix; returns the block output and the updated cache for this layer."""
+    dtype = cfg.compute_dtype
+    b, s, _ = x.shape
+    kvh, g, hd = cfg.kv_heads, cfg.groups, cfg.head_dim
+    q = _project(x, p["q"], dtype).reshape(b, s, cfg.heads, hd)
+    k = _project(x, p["k"], dtype).reshape(b, s, kvh, hd)
+    v = _project(x, p["v"], dtype).reshape(b, s, kvh, hd)
+    q = rope(q, positions, cfg.rope_theta)
+    k = rope(k, positions, cfg.rope_theta)
+    # Grouped heads that share a KV head are stacked along the query axis: q [b*kv, g*s, d].
+    q = q.reshape(b, s, kvh, g, hd).transpose(0, 2, 3, 1, 4).reshape(b * kvh, g * s, hd)
+    k = k.transpose(0, 2, 3, 1)  # [b, kv, d, s]
+    v = v.transpose(0, 2, 3, 1)
+    new_kv = None
+    if kv is not None and write_slot is not None:  # KV cache: write then attend over the cache
+        k = jax.lax.dynamic_update_slice(kv["k"], k.astype(kv["k"].dtype), (0, 0, 0, write_slot))
+        v = jax.lax.dynamic_update_slice(kv["v"], v.astype(kv["v"].dtype), (0, 0, 0, write_slot))
+        new_kv = {"k": k, "v": v}
+    elif kv is not None:  # prefix keys/values in front of this sequence's
+        k = jnp.concatenate([kv["k"].astype(k.dtype), k], axis=-1)
+        v = jnp.concatenate([kv["v"].astype(v.dtype), v], axis=-1)
+    t = k.shape[-1]
+    k = k.astype(dtype).reshape(b * kvh, hd, t)
+    v = v.astype(dtype).reshape(b * kvh, hd, t)
+    out = ops.grouped_attention(q.astype(dtype), k, v, mask, 1.0 / math.sqrt(hd))
+    out = out.reshape(b, kvh, g, s, hd).transpose(0, 3, 1, 2, 4).reshape(b, s, cfg.heads * hd)
+    return ops.linear(out, p["o"]["kernel"], dtype), new_kv
+
+
+def mlp_block(p, cfg: ModelConfig, x):
+    """SwiGLU feed-forward: down(silu(gate(x)) * up(x))."""
+    dtype = cfg.compute_dtype
+    gate = ops.linear(x, p["gate"]["kernel"], dtype)
+    up = ops.linear(x, p["up"]["kernel"], dtype)
+    h = (jax.nn.silu(gate.astype(F32)) * up.astype(F32)).astype(dtype)
+    return ops.linear(h, p["down"]["kernel"], dtype)
+
+
+def decoder_layer(p, cfg: ModelConfig, x, positions, mask, kv=None, write_slot=None):
+    """Pre-norm residual layer; the residual stream stays float32."""
+    dtype = cfg.compute_dtype
+    h = rms_norm(x, p["attn_norm"]["scale"], cfg.norm_eps).astype(dtype)
+    a, new_kv = attention_block(p["attn"], cfg, h, positions, mask, kv, write_slot)
+    x = x + a.astype(F32)
+    h = rms_norm(x, p["mlp_norm"]["scale"], cfg.norm_eps).astype(dtype)
+    x = x + mlp_block(p["mlp"], cfg, h).astype(F32)
+    return x, new_kv
+
+
+# ----------------------------------------------------------------------------- forward
+
+
+def embed_tokens(params: Params, cfg: ModelConfig, tokens):
+    """Token ids [b, s] -> float32 input embeddings [b, s, hidden] (soft prompts enter here)."""
+    return ops.embed(tokens, params["embed"]["embedding"], F32)
+
+
+def hidden_states(params: Params, cfg: ModelConfig, inputs_embeds, positions, segment_ids,
+                  prefix: dict | None = None):
+    """Final normed hidden states [b, s, hidden] of a whole sequence (training and scoring).
+
+    `prefix` (prefix tuning) maps `layers_i` to {"k", "v"} of shape [b, kv, head_dim, P]; those
+    entries sit before the sequence and every non-padding token sees them.
+    """
+    b, s, _ = inputs_embeds.shape
+    slots = jnp.broadcast_to(jnp.arange(s, dtype=jnp.int32), (b, s))
+    k_slots, k_segments = slots, segment_ids
+    if prefix is not None:
+        n_prefix = next(iter(prefix.values()))["k"].shape[-1]
+        k_slots = jnp.concatenate([jnp.full((b, n_prefix), -1, jnp.int32), slots], axis=1)
+        k_segments = jnp.concatenate([jnp.full((b, n_prefix), -1, jnp.int32), segment_ids], axis=1)
+    mask = attention_mask(slots, segment_ids, k_slots, k_segments)
+
+    layer = decoder_layer
+    if cfg.remat == "full":
+        layer = jax.checkpoint(decoder_layer, static_argnums=(1,))
+    x = inputs_embeds.astype(F32)
+    for i in range(cfg.layers):
+        kv = None if prefix is None else prefix[f"layers_{i}"]
+        x, _ = layer(params[f"layers_{i}"], cfg, x, positions, mask, kv)
+    return rms_norm(x, params["final_norm"]["scale"], cfg.norm_eps)
+
+
+def output_head(params: Params, cfg: ModelConfig):
+    """The output projection and whether it is laid out [vocab, hidden] (tied embeddings)."""
+    if cfg.tie_embeddings:
+        return params["embed"]["embedding"], True
+    return params["lm_head"]["kernel"], False
+
+
+def logits_from_hidden(params: Params, cfg: ModelConfig, h):
+    """Float32 logits [..., vocab] for the given hidden states."""
+    w, vocab_major = output_head(params, cfg)
+    dtype = cfg.compute_dtype
+    if vocab_major:
+        w = ops.materialize(w)
+        return jax.lax.dot_general(h.astype(dtype), w.astype(dtype),
+                                   (((h.ndim - 1,), (1,)), ((), ())), preferred_element_type=F32)
+    return ops.linear(h.astype(dtype), w, dtype).astype(F32)
+
+
+def forward(params: Params, cfg: ModelConfig, tokens, positions=None, segment_ids=None):
+    """Logits [b, s, vocab] of a full (uncached) forward pass; the reference the cache must match."""
+    b, s = tokens.shape
+    if positions is None:
+        positions = jnp.broadcast_to(jnp.arange(s, dtype=jnp.int32), (b, s))
+    if segment_ids is None:
+        segment_ids = jnp.ones((b, s), jnp.int32)
+    h = hidden_states(params, cfg, embed_tokens(params, cfg, tokens), positions, segment_ids)
+    return logits_from_hidden(params, cfg, h)
+
+
+# ----------------------------------------------------------------------------- KV cache
+
+
+def init_cache(cfg: ModelConfig, batch: int, max_len: int, dtype=None) -> dict:
+    """An empty cache: per-layer keys/values [b, kv, head_dim, max_len], slot segments, fill index."""
+    dtype = dtype or cfg.compute_dtype
+    shape = (batch, cfg.kv_heads, cfg.head_dim, max_len)
+    cache = {f"layers_{i}": {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)}
+             for i in range(cfg.layers)}
+    cache["segments"] = jnp.zeros((batch, max_len), jnp.int32)
+    cache["index"] = jnp.zeros((), jnp.int32)
+    return cache
+
+
+def decode(params: Params, cfg: ModelConfig, inputs_embeds, positions, segment_ids, cache: dict):
+    """Run `s` new tokens through the model against the cache; returns (hidden, new cache).
+
+    The new tokens occupy cache slots index..index+s-1. `segment_ids` is 1 for real tokens and 0
+    for left padding, so padded slots are never attended to. Prefilled entries with a negative
+    segment (a prefix) are visible to all real tokens.
+    """
+    b, s, _ = inputs_embeds.shape
+    index = cache["index"]
+    max_len = cache["segments"].shape[1]
+    segments = jax.lax.dynamic_update_slice(cache["segments"], segment_ids.astype(jnp.int32),
+                                            (0, index))
+    q_slots = index + jnp.broadcast_to(jnp.arange(s, dtype=jnp.int32), (b, s))
+    k_slots = jnp.broadcast_to(jnp.arange(max_len, dtype=jnp.int32), (b, max_len))
+    mask = attention_mask(q_slots, segment_ids, k_slots, segments)
+    x = inputs_embeds.astype(F32)
+    new_cache = {"segments": segments, "index": index + s}
+    for i in range(cfg.layers):
+        name = f"layers_{i}"
+        x, new_cache[name] = decoder_layer(params[name], cfg, x, positions, mask, cache[name], index)
+    return rms_norm(x, params["final_norm"]["scale"], cfg.norm_eps), new_cache

@@ -1,0 +1,27 @@
+"""Loss helpers shared by the train steps."""
+
+from __future__ import annotations
+
+import jax.numpy as jnp
+
+from ptjax import ops
+from ptjax.models import llama
+
+
+def next_token_nll(params, cfg, batch, inputs_embeds=None, prefix=None):
+    """Summed weighted next-token NLL over a packed batch, plus token and hit counts.
+
+    Returns sums, not means, so gradient accumulation over microbatches divides once by the
+    total token count and equals one large batch exactly. The output head runs through the
+    fused chunked cross-entropy (no [b, s, vocab] logits in memory).
+    """
+    if inputs_embeds is None:
+        inputs_embeds = llama.embed_tokens(params, cfg, batch["inputs"])
+    h = llama.hidden_states(params, cfg, inputs_embeds, batch["positions"], batch["segment_ids"],
+                            prefix=prefix)
+    w, vocab_major = llama.output_head(params, cfg)
+    weights = batch["loss_mask"].astype(jnp.float32)
+    nll_sum, correct = ops.fused_cross_entropy(
+        h.reshape(-1, h.shape[-1]), ops.materialize(w), batch["targets"].reshape(-1),
+        weights.reshape(-1), cfg.compute_dtype, vocab_major)
+    return nll_sum, {"tokens": jnp.sum(weights), "correct": correct}
