@@ -204,7 +204,7 @@ def _ce_fwd(h, w, labels, weights, dtype, head_is_vocab_major, chunk):
         part = _dot(real_transpose(hc[s:e]), dlogits, 1, 0)  # [d, c] x [c, v]
         dw_t = part if dw_t is None else dw_t + part
     dh = jnp.concatenate(dh_parts, axis=0).astype(h.dtype)
-    dw = (dw_t.T if head_is_vocab_major else dw_t).astype(w.dtype)
+    dw = (real_transpose(dw_t) if head_is_vocab_major else dw_t).astype(w.dtype)
     nll = jnp.concatenate(nll_parts)
     return (loss, correct), (dh, dw, nll)
 

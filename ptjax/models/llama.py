@@ -28,6 +28,7 @@ import jax
 import jax.numpy as jnp
 
 from ptjax import ops
+from ptjax.sharding import constrain
 from ptjax.models.config import ModelConfig
 
 Params = dict[str, Any]
@@ -89,6 +90,7 @@ PARAM_AXES = (
     (r"lm_head/kernel$", ("embed", "vocab")),
 )
 
+RESIDUAL_AXES = ("batch", "length", "embed")
 
 # ----------------------------------------------------------------------------- pieces
 
@@ -175,7 +177,7 @@ def decoder_layer(p, cfg: ModelConfig, x, positions, mask, kv=None, write_slot=N
     x = x + a.astype(F32)
     h = rms_norm(x, p["mlp_norm"]["scale"], cfg.norm_eps).astype(dtype)
     x = x + mlp_block(p["mlp"], cfg, h).astype(F32)
-    return x, new_kv
+    return constrain(x, RESIDUAL_AXES), new_kv
 
 
 # ----------------------------------------------------------------------------- forward
@@ -205,7 +207,7 @@ def hidden_states(params: Params, cfg: ModelConfig, inputs_embeds, positions, se
     layer = decoder_layer
     if cfg.remat == "full":
         layer = jax.checkpoint(decoder_layer, static_argnums=(1,))
-    x = inputs_embeds.astype(F32)
+    x = constrain(inputs_embeds.astype(F32), RESIDUAL_AXES)
     for i in range(cfg.layers):
         kv = None if prefix is None else prefix[f"layers_{i}"]
         x, _ = layer(params[f"layers_{i}"], cfg, x, positions, mask, kv)

@@ -1,0 +1,117 @@
+"""PyTorch reference for training-step throughput (CPU), for comparison with ptjax.
+
+Builds a randomly initialised ``transformers.LlamaForCausalLM`` (~50M params:
+vocab 32000, hidden 512, intermediate 1408, 8 layers, 8 heads / 4 KV heads,
+head_dim 64, SDPA attention) and times full training steps
+(forward + loss.backward() + AdamW step + zero_grad) on random tokens.
+
+This script is NOT part of the ptjax package or its tests and needs PyTorch,
+which ptjax does not depend on. Run it in a separate venv, e.g.:
+
+    python3 -m venv /work/torchbench/venv
+    /work/torchbench/venv/bin/pip install torch==2.13.0          # CPU wheel
+    /work/torchbench/venv/bin/pip install transformers peft psutil "torch==2.13.0"
+    /work/torchbench/venv/bin/python benchmarks/pytorch_baseline.py \\
+        --method full --dtype bfloat16 --batch 8 --seq 512 --steps 5 --warmup 2
+
+--dtype bfloat16 runs the forward under torch.autocast("cpu", bfloat16) with
+float32 master weights; --dtype float32 runs plain float32. --method lora wraps
+the model with peft LoRA (r=16, alpha=32, all attention + MLP projections) and
+optimises only the LoRA parameters. Prints one JSON line with the median step
+time over the timed (non-warm-up) steps.
+"""
+
+import argparse
+import json
+import resource
+import statistics
+import time
+
+import torch
+import transformers
+from transformers import LlamaConfig, LlamaForCausalLM
+
+
+def build_model(method: str) -> torch.nn.Module:
+    config = LlamaConfig(
+        vocab_size=32000,
+        hidden_size=512,
+        intermediate_size=1408,
+        num_hidden_layers=8,
+        num_attention_heads=8,
+        num_key_value_heads=4,
+        head_dim=64,
+        rms_norm_eps=1e-6,
+        rope_theta=10000.0,
+        tie_word_embeddings=False,
+    )
+    config._attn_implementation = "sdpa"
+    model = LlamaForCausalLM(config).to(torch.float32)
+    if method == "lora":
+        from peft import LoraConfig, get_peft_model
+
+        lora_cfg = LoraConfig(
+            r=16,
+            lora_alpha=32,
+            lora_dropout=0.0,
+            target_modules=["q_proj", "k_proj", "v_proj", "o_proj",
+                            "gate_proj", "up_proj", "down_proj"],
+            task_type="CAUSAL_LM",
+        )
+        model = get_peft_model(model, lora_cfg)
+    model.train()
+    return model
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--method", choices=["full", "lora"], default="full")
+    p.add_argument("--dtype", choices=["bfloat16", "float32"], default="bfloat16")
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--seq", type=int, default=512)
+    p.add_argument("--steps", type=int, default=5)
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--seed", type=int, default=0)
+    args = p.parse_args()
+
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(args.seed)
+
+    model = build_model(args.method)
+    params = [q for q in model.parameters() if q.requires_grad]
+    opt = torch.optim.AdamW(params, lr=1e-4)
+    vocab = model.config.vocab_size
+
+    def step() -> float:
+        ids = torch.randint(0, vocab, (args.batch, args.seq))
+        t0 = time.perf_counter()
+        if args.dtype == "bfloat16":
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                loss = model(input_ids=ids, labels=ids).loss
+        else:
+            loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        if not torch.isfinite(loss.detach()):
+            raise RuntimeError(f"non-finite loss {loss.item()}")
+        return time.perf_counter() - t0
+
+    for _ in range(args.warmup):
+        step()
+    times = [step() for _ in range(args.steps)]
+    step_s = statistics.median(times)
+
+    print(json.dumps({
+        "case": f"torch-{args.method}-{args.dtype}-b{args.batch}-s{args.seq}",
+        "tokens_per_s": round(args.batch * args.seq / step_s, 2),
+        "step_s": round(step_s, 4),
+        "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+    }), flush=True)
+
+
+if __name__ == "__main__":
+    main()

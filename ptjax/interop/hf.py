@@ -1,0 +1,329 @@
+"""Hugging Face Llama / Qwen2 checkpoints in and out: `config.json` plus safetensors weights.
+
+One table, `hf_layout(cfg)`, pairs every Hugging Face tensor name with its pytree path and says
+whether it is an `nn.Linear` weight (stored [out, in], transposed to ptjax's [in, out]). Loading
+and saving both walk that table, so the two directions cannot drift apart.
+
+Loaded parameters are float32 *numpy* arrays: the caller decides where they live
+(`jax.device_put(params, shardings)` places each shard once, instead of first landing the whole
+model on the default device). Files stored in bfloat16 or float16 are upcast on read.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import re
+from typing import Any, Iterator, Mapping
+
+import jax
+import ml_dtypes
+import numpy as np
+from safetensors import safe_open
+from safetensors.numpy import save_file
+
+from ptjax import ops
+from ptjax.models.config import ModelConfig
+
+CONFIG_FILE = "config.json"
+WEIGHTS_FILE = "model.safetensors"
+INDEX_FILE = "model.safetensors.index.json"
+_SHARD_FILE = re.compile(r"model-\d{5}-of-\d{5}\.safetensors$")
+
+_SAVE_DTYPES = {"float32": np.float32, "bfloat16": ml_dtypes.bfloat16, "float16": np.float16}
+_MODEL_TYPES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM"}
+
+
+# ----------------------------------------------------------------------------- config
+
+
+def _read_json(path: str) -> dict:
+    with open(path, encoding="utf-8") as f:
+        return json.load(f)
+
+
+def _required(hf: Mapping, field: str, source: str):
+    if hf.get(field) is None:
+        raise ValueError(f"{source}: config has no {field!r}")
+    return hf[field]
+
+
+def _rope_theta(hf: Mapping, source: str) -> float:
+    """Theta from `rope_parameters` (transformers 5) or the top level (older folders); scaled
+    RoPE variants (llama3, yarn, linear, ...) change the frequencies and are refused."""
+    params = hf.get("rope_parameters") or {}
+    for field, spec in (("rope_parameters", params), ("rope_scaling", hf.get("rope_scaling") or {})):
+        kind = spec.get("rope_type", spec.get("type", "default"))
+        if kind != "default":
+            raise NotImplementedError(
+                f"{source}: {field}.rope_type={kind!r} is not supported (only unscaled RoPE)")
+    theta = params.get("rope_theta", hf.get("rope_theta"))
+    if theta is None:
+        raise ValueError(f"{source}: config has no 'rope_theta' (top level or in rope_parameters)")
+    return float(theta)
+
+
+def _check_supported(hf: Mapping, source: str) -> None:
+    """Refuse architectures whose weights would load but compute something else."""
+    model_type = hf.get("model_type", "llama")
+    if model_type not in _MODEL_TYPES:
+        raise NotImplementedError(
+            f"{source}: model_type={model_type!r} is not supported; expected one of {sorted(_MODEL_TYPES)}")
+    act = hf.get("hidden_act", "silu")
+    if act != "silu":
+        raise NotImplementedError(f"{source}: hidden_act={act!r} is not supported (SwiGLU needs 'silu')")
+    if hf.get("mlp_bias"):
+        raise NotImplementedError(f"{source}: mlp_bias=true is not supported")
+
+
+def config_from_hf(source: str | Mapping[str, Any], **overrides) -> ModelConfig:
+    """The `ModelConfig` a Hugging Face folder (or its parsed `config.json`) describes.
+
+    Why: the checkpoint's own config is the only reliable statement of its dimensions, and RoPE
+    theta moved between transformers versions. `overrides` set ptjax-only fields such as
+    `dtype="bfloat16"` or `remat="full"`.
+    """
+    if isinstance(source, Mapping):
+        hf, where = source, "config"
+    else:
+        where = os.path.join(source, CONFIG_FILE)
+        hf = _read_json(where)
+    _check_supported(hf, where)
+    hidden = int(_required(hf, "hidden_size", where))
+    heads = int(_required(hf, "num_attention_heads", where))
+    cfg = ModelConfig(
+        vocab_size=int(_required(hf, "vocab_size", where)),
+        hidden=hidden,
+        mlp=int(_required(hf, "intermediate_size", where)),
+        layers=int(_required(hf, "num_hidden_layers", where)),
+        heads=heads,
+        kv_heads=int(hf.get("num_key_value_heads") or heads),
+        head_dim=int(hf.get("head_dim") or hidden // heads),
+        rope_theta=_rope_theta(hf, where),
+        norm_eps=float(_required(hf, "rms_norm_eps", where)),
+        tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
+        qkv_bias=hf.get("model_type") == "qwen2" or bool(hf.get("attention_bias", False)),
+    )
+    return dataclasses.replace(cfg, **overrides)
+
+
+def config_to_hf(cfg: ModelConfig, torch_dtype: str = "float32") -> dict:
+    """The `config.json` dict transformers needs to rebuild this model.
+
+    Why: a saved checkpoint is only usable elsewhere if its config states every dimension the
+    loader would otherwise default (head_dim, kv heads, theta, tying) to something else.
+    """
+    model_type = "qwen2" if cfg.qkv_bias else "llama"
+    return {
+        "architectures": [_MODEL_TYPES[model_type]],
+        "model_type": model_type,
+        "vocab_size": cfg.vocab_size,
+        "hidden_size": cfg.hidden,
+        "intermediate_size": cfg.mlp,
+        "num_hidden_layers": cfg.layers,
+        "num_attention_heads": cfg.heads,
+        "num_key_value_heads": cfg.kv_heads,
+        "head_dim": cfg.head_dim,
+        "hidden_act": "silu",
+        "rms_norm_eps": cfg.norm_eps,
+        "rope_theta": cfg.rope_theta,
+        "tie_word_embeddings": cfg.tie_embeddings,
+        "attention_bias": False,  # Llama's flag would also add an o_proj bias; Qwen2 ignores it
+        "mlp_bias": False,
+        "torch_dtype": torch_dtype,
+    }
+
+
+# ----------------------------------------------------------------------------- layout
+
+
+@dataclasses.dataclass(frozen=True)
+class Entry:
+    """One checkpoint tensor: its Hugging Face name, pytree path, HF shape, and whether it is an
+    `nn.Linear` weight stored [out, in]."""
+
+    hf_key: str
+    path: tuple[str, ...]
+    hf_shape: tuple[int, ...]
+    linear: bool = False
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        """The shape in ptjax's pytree ([in, out] for Linear weights)."""
+        return self.hf_shape[::-1] if self.linear else self.hf_shape
+
+
+def _layer_layout(cfg: ModelConfig, i: int) -> Iterator[Entry]:
+    pre, node = f"model.layers.{i}.", f"layers_{i}"
+    d, q_dim, kv_dim = cfg.hidden, cfg.heads * cfg.head_dim, cfg.kv_heads * cfg.head_dim
+    yield Entry(pre + "input_layernorm.weight", (node, "attn_norm", "scale"), (d,))
+    for name, width in (("q", q_dim), ("k", kv_dim), ("v", kv_dim)):
+        proj = f"{pre}self_attn.{name}_proj."
+        yield Entry(proj + "weight", (node, "attn", name, "kernel"), (width, d), linear=True)
+        if cfg.qkv_bias:
+            yield Entry(proj + "bias", (node, "attn", name, "bias"), (width,))
+    yield Entry(pre + "self_attn.o_proj.weight", (node, "attn", "o", "kernel"), (d, q_dim), True)
+    yield Entry(pre + "post_attention_layernorm.weight", (node, "mlp_norm", "scale"), (d,))
+    for name, shape in (("gate", (cfg.mlp, d)), ("up", (cfg.mlp, d)), ("down", (d, cfg.mlp))):
+        yield Entry(f"{pre}mlp.{name}_proj.weight", (node, "mlp", name, "kernel"), shape, True)
+
+
+def hf_layout(cfg: ModelConfig) -> list[Entry]:
+    """Every tensor a Hugging Face checkpoint of `cfg` holds, in the order transformers writes them.
+
+    Why: loading, saving and shape checks all need the same name/path/transpose table; keeping it
+    in one place is what makes the round trip exact.
+    """
+    entries = [Entry("model.embed_tokens.weight", ("embed", "embedding"), (cfg.vocab_size, cfg.hidden))]
+    for i in range(cfg.layers):
+        entries.extend(_layer_layout(cfg, i))
+    entries.append(Entry("model.norm.weight", ("final_norm", "scale"), (cfg.hidden,)))
+    if not cfg.tie_embeddings:
+        entries.append(Entry("lm_head.weight", ("lm_head", "kernel"), (cfg.vocab_size, cfg.hidden), True))
+    return entries
+
+
+# ----------------------------------------------------------------------------- load
+
+
+def _key_files(folder: str) -> dict[str, str]:
+    """Map each tensor name to the file holding it (one file, or a sharded index)."""
+    index = os.path.join(folder, INDEX_FILE)
+    if os.path.exists(index):
+        return dict(_read_json(index)["weight_map"])
+    single = os.path.join(folder, WEIGHTS_FILE)
+    if not os.path.exists(single):
+        raise FileNotFoundError(f"{folder}: neither {WEIGHTS_FILE} nor {INDEX_FILE} found")
+    with safe_open(single, framework="numpy") as f:
+        return {key: WEIGHTS_FILE for key in f.keys()}
+
+
+def _set(tree: dict, path: tuple[str, ...], value) -> None:
+    for name in path[:-1]:
+        tree = tree.setdefault(name, {})
+    tree[path[-1]] = value
+
+
+def _check_unmapped(key_files: Mapping[str, str], used: set[str], cfg: ModelConfig, folder: str):
+    """Buffers such as `rotary_emb.inv_freq` are harmless to skip; a bias the model has no place
+    for (Llama's `attention_bias` o_proj bias, MLP biases) would silently change its outputs."""
+    for key in key_files:
+        if key not in used and key.endswith(".bias"):
+            raise NotImplementedError(f"{folder}: checkpoint tensor {key!r} has no place in ptjax's "
+                                      f"model (biases exist only on q/k/v, when qkv_bias={cfg.qkv_bias})")
+
+
+def load_params(folder: str, cfg: ModelConfig | None = None) -> dict:
+    """Float32 numpy parameters, in ptjax's layout, from a Hugging Face safetensors folder.
+
+    Why: fine-tuning starts from published checkpoints. Every tensor's shape is checked against
+    `cfg` (read from the folder's `config.json` when not given) before it is read, so a config
+    mismatch fails on the first wrong tensor with both shapes instead of deep inside a matmul.
+    """
+    cfg = cfg or config_from_hf(folder)
+    key_files = _key_files(folder)
+    layout = hf_layout(cfg)
+    missing = [e.hf_key for e in layout if e.hf_key not in key_files]
+    if missing:
+        raise ValueError(f"{folder}: checkpoint has no tensor {missing[0]!r} "
+                         f"({len(missing)} missing in all)")
+    _check_unmapped(key_files, {e.hf_key for e in layout}, cfg, folder)
+    params: dict = {}
+    by_file: dict[str, list[Entry]] = {}
+    for entry in layout:
+        by_file.setdefault(key_files[entry.hf_key], []).append(entry)
+    for filename, entries in by_file.items():
+        with safe_open(os.path.join(folder, filename), framework="numpy") as f:
+            for entry in entries:
+                _set(params, entry.path, _read_tensor(f, entry, folder))
+    return params
+
+
+def _read_tensor(f, entry: Entry, folder: str) -> np.ndarray:
+    shape = tuple(f.get_slice(entry.hf_key).get_shape())
+    if shape != entry.hf_shape:
+        raise ValueError(f"{folder}: tensor {entry.hf_key!r} has shape {shape}, "
+                         f"but the config expects {entry.hf_shape}")
+    value = np.asarray(f.get_tensor(entry.hf_key), dtype=np.float32)
+    return np.ascontiguousarray(value.T) if entry.linear else value
+
+
+# ----------------------------------------------------------------------------- save
+
+
+def _get(tree: Mapping, path: tuple[str, ...]):
+    for name in path:
+        tree = tree[name]
+    return tree
+
+
+def _hf_tensors(params: Mapping, cfg: ModelConfig, dtype) -> dict[str, np.ndarray]:
+    """HF-named, [out, in] numpy tensors; weight nodes (LoRA, quantized) are materialized."""
+    tensors = {}
+    for entry in hf_layout(cfg):
+        try:
+            leaf = _get(params, entry.path)
+        except KeyError:
+            raise ValueError(f"params have no {'/'.join(entry.path)} (needed for {entry.hf_key})") from None
+        value = np.asarray(jax.device_get(ops.materialize(leaf)), dtype=np.float32)
+        if value.shape != entry.shape:
+            raise ValueError(f"param {'/'.join(entry.path)} has shape {value.shape}, "
+                             f"but the config expects {entry.shape}")
+        value = value.T if entry.linear else value
+        tensors[entry.hf_key] = np.ascontiguousarray(value.astype(dtype))
+    return tensors
+
+
+def _shards(tensors: Mapping[str, np.ndarray], max_bytes: int) -> list[dict[str, np.ndarray]]:
+    """Greedy split in layout order; a tensor larger than `max_bytes` gets a shard of its own."""
+    shards: list[dict[str, np.ndarray]] = [{}]
+    size = 0
+    for key, value in tensors.items():
+        if shards[-1] and size + value.nbytes > max_bytes:
+            shards.append({})
+            size = 0
+        shards[-1][key] = value
+        size += value.nbytes
+    return shards
+
+
+def _remove_old_weights(folder: str) -> None:
+    """A stale index or shard set would shadow (or mix with) the weights written now."""
+    for name in os.listdir(folder):
+        if name in (WEIGHTS_FILE, INDEX_FILE) or _SHARD_FILE.match(name):
+            os.remove(os.path.join(folder, name))
+
+
+def save_params(params: Mapping, cfg: ModelConfig, folder: str, dtype: str = "float32",
+                max_shard_bytes: int = 2 * 10**9, extra_config: Mapping[str, Any] | None = None) -> None:
+    """Write `params` as a Hugging Face folder (`config.json` + safetensors) transformers loads.
+
+    Why: trained weights must leave ptjax for serving and evaluation stacks. `dtype` is the
+    stored precision ("float32" round-trips exactly, "bfloat16" halves the size); above
+    `max_shard_bytes` the weights are split into shards listed by an index, as transformers does.
+    `extra_config` adds fields ptjax does not track (token ids, max_position_embeddings).
+    Existing weight files in `folder` are replaced.
+    """
+    if dtype not in _SAVE_DTYPES:
+        raise ValueError(f"dtype must be one of {sorted(_SAVE_DTYPES)}, got {dtype!r}")
+    tensors = _hf_tensors(params, cfg, _SAVE_DTYPES[dtype])
+    os.makedirs(folder, exist_ok=True)
+    _remove_old_weights(folder)
+    config = {**config_to_hf(cfg, dtype), **(extra_config or {})}
+    with open(os.path.join(folder, CONFIG_FILE), "w", encoding="utf-8") as f:
+        json.dump(config, f, indent=2)
+    shards = _shards(tensors, max_shard_bytes)
+    metadata = {"format": "pt"}  # transformers refuses safetensors files without it
+    if len(shards) == 1:
+        save_file(shards[0], os.path.join(folder, WEIGHTS_FILE), metadata=metadata)
+        return
+    weight_map = {}
+    for n, shard in enumerate(shards, start=1):
+        name = f"model-{n:05d}-of-{len(shards):05d}.safetensors"
+        save_file(shard, os.path.join(folder, name), metadata=metadata)
+        weight_map.update({key: name for key in shard})
+    index = {"metadata": {"total_size": sum(t.nbytes for t in tensors.values())},
+             "weight_map": weight_map}
+    with open(os.path.join(folder, INDEX_FILE), "w", encoding="utf-8") as f:
+        json.dump(index, f, indent=2)

@@ -1,0 +1,1 @@
+"""End-to-end runs that configs name with `config.trainer` (see `launch.py`)."""

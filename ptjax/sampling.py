@@ -1,0 +1,207 @@
+"""Autoregressive sampling over the KV cache: greedy, temperature, top-k, top-p, with logprobs.
+
+Prompts arrive left-padded, so every row's last prompt token sits in the same cache slot and one
+`decode` call prefills the whole batch. Each new token is then one more single-token `decode`
+inside a `lax.while_loop` that stops as soon as every row has emitted EOS. All shapes are static,
+so a batch shape compiles once and RL rollouts, evaluation and demos share the same program.
+
+The logprob returned for each token is taken under `log_softmax(logits / temperature)` *before*
+top-k/top-p filtering: that is the policy PPO and GRPO score with a plain forward pass, so the
+rollout's logprobs and the trainer's agree (greedy decoding reports temperature-1 logprobs).
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from ptjax.data import encode_prompt
+from ptjax.models import llama
+from ptjax.models.config import ModelConfig
+
+PAD_MULTIPLE = 16  # generate_text pads prompt lengths to a multiple of this to reuse compiles
+
+
+def positions_from_mask(mask):
+    """RoPE positions [b, s] that count real tokens only, so left padding does not shift them.
+
+    A left-padded prompt then sees the same positions as the unpadded one; padding slots get 0
+    (they are never attended to, so their value does not matter).
+    """
+    mask = mask.astype(jnp.int32)
+    return jnp.maximum(jnp.cumsum(mask, axis=-1) - 1, 0)
+
+
+def filter_logits(logits, top_k: int, top_p: float):
+    """Logits with everything outside the top-k set and then the top-p nucleus masked out.
+
+    Truncating the tail keeps sampling from wandering into the many low-probability tokens whose
+    total mass is large. `top_k` keeps the k largest logits (0 or >= vocab: off; tied values at
+    the k-th logit are all kept). `top_p` then keeps the smallest set of the most probable tokens
+    whose probability (under the top-k-renormalized softmax) reaches `top_p`; the most probable
+    token is always kept, and `top_p >= 1` is off. Masked entries become the dtype's most negative
+    finite value, so softmax and categorical sampling give them zero probability without NaNs.
+    Both arguments are Python numbers (static under jit).
+    """
+    neg = jnp.finfo(logits.dtype).min
+    vocab = logits.shape[-1]
+    if 0 < top_k < vocab:
+        kth = jax.lax.top_k(logits, top_k)[0][..., -1:]
+        logits = jnp.where(logits >= kth, logits, neg)
+    if top_p < 1.0:
+        ordered = jnp.flip(jnp.sort(logits, axis=-1), axis=-1)
+        probs = jax.nn.softmax(ordered, axis=-1)
+        mass_before = jnp.cumsum(probs, axis=-1) - probs
+        keep = (mass_before < top_p).at[..., 0].set(True)
+        threshold = jnp.min(jnp.where(keep, ordered, jnp.inf), axis=-1, keepdims=True)
+        logits = jnp.where(logits >= threshold, logits, neg)
+    return logits
+
+
+def _choose(logits, key, temperature: float, top_k: int, top_p: float):
+    """(token [b] int32, logprob [b] f32) for one step; greedy when temperature is 0."""
+    scaled = logits.astype(jnp.float32) / (temperature if temperature > 0 else 1.0)
+    logp = jax.nn.log_softmax(scaled, axis=-1)
+    if temperature > 0:
+        token = jax.random.categorical(key, filter_logits(scaled, top_k, top_p), axis=-1)
+    else:
+        token = jnp.argmax(scaled, axis=-1)
+    token = token.astype(jnp.int32)
+    return token, jnp.take_along_axis(logp, token[:, None], axis=-1)[:, 0]
+
+
+def generate(params, cfg: ModelConfig, prompt_tokens, prompt_mask, rng, *, max_new_tokens: int,
+             temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, eos_id: int = 2,
+             pad_id: int = 0, prompt_embeds=None) -> dict:
+    """Continue left-padded prompts by up to `max_new_tokens` tokens with a KV cache.
+
+    Why this shape: RL and evaluation need whole batches of continuations, their logprobs and
+    where each one stopped, from one compiled program. `prompt_tokens` [b, p] int32 and
+    `prompt_mask` [b, p] (1 = real token) are left-padded; `prompt_embeds` [b, p, hidden], if
+    given, replaces the prompt's token embeddings (soft prompts). Hyperparameters are static.
+
+    A row emits `eos_id` once, then `pad_id` with logprob 0. Returns `tokens` [b, n] int32,
+    `logprobs` [b, n] f32 (see the module docstring), `lengths` [b] int32 (tokens emitted,
+    EOS included) and `done` [b] bool (EOS was emitted).
+    """
+    b, p = prompt_tokens.shape
+    mask = prompt_mask.astype(jnp.int32)
+    if prompt_embeds is None:
+        prompt_embeds = llama.embed_tokens(params, cfg, prompt_tokens)
+    cache = llama.init_cache(cfg, b, p + max_new_tokens)
+    hidden, cache = llama.decode(params, cfg, prompt_embeds, positions_from_mask(mask), mask, cache)
+    next_position = jnp.sum(mask, axis=-1).astype(jnp.int32)  # position of generated token 0
+
+    def not_finished(state):
+        return (state["step"] < max_new_tokens) & ~jnp.all(state["done"])
+
+    def step_fn(state):
+        """Emit one token per row from the carried logits, then run it through the model.
+
+        Sampling sits in one place of the loop body (instead of once before the loop and once
+        inside), which keeps the compiled program small; the price is one decode after the last
+        token whose logits go unused.
+        """
+        step = state["step"]
+        token, logprob = _choose(state["logits"], jax.random.fold_in(rng, step), temperature,
+                                 top_k, top_p)
+        active = ~state["done"]
+        token = jnp.where(active, token, pad_id).astype(jnp.int32)
+        logprob = jnp.where(active, logprob, 0.0)
+        positions = (next_position + step)[:, None]
+        hidden, cache = llama.decode(params, cfg, llama.embed_tokens(params, cfg, token[:, None]),
+                                     positions, jnp.ones((b, 1), jnp.int32), state["cache"])
+        return {
+            "step": step + 1,
+            "logits": llama.logits_from_hidden(params, cfg, hidden[:, -1]),
+            "cache": cache,
+            "tokens": jax.lax.dynamic_update_slice(state["tokens"], token[:, None], (0, step)),
+            "logprobs": jax.lax.dynamic_update_slice(state["logprobs"], logprob[:, None], (0, step)),
+            "lengths": state["lengths"] + active.astype(jnp.int32),
+            "done": state["done"] | (active & (token == eos_id)),
+        }
+
+    state = {
+        "step": jnp.zeros((), jnp.int32),
+        "logits": llama.logits_from_hidden(params, cfg, hidden[:, -1]),
+        "cache": cache,
+        "tokens": jnp.full((b, max_new_tokens), pad_id, jnp.int32),
+        "logprobs": jnp.zeros((b, max_new_tokens), jnp.float32),
+        "lengths": jnp.zeros((b,), jnp.int32),
+        "done": jnp.zeros((b,), bool),
+    }
+    state = jax.lax.while_loop(not_finished, step_fn, state)
+    return {k: state[k] for k in ("tokens", "logprobs", "lengths", "done")}
+
+
+@functools.lru_cache(maxsize=32)
+def make_generate_fn(cfg: ModelConfig, max_new_tokens: int, temperature: float = 0.0,
+                     top_k: int = 0, top_p: float = 1.0, eos_id: int = 2, pad_id: int = 0):
+    """A jitted `fn(params, prompt_tokens, prompt_mask, rng) -> generate(...)'s dict`.
+
+    Binding the static hyperparameters once, and memoizing per (cfg, hyperparameters), lets
+    training loops and evaluation call the sampler repeatedly without retracing or recompiling.
+    """
+
+    def fn(params, prompt_tokens, prompt_mask, rng):
+        return generate(params, cfg, prompt_tokens, prompt_mask, rng,
+                        max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
+                        top_p=top_p, eos_id=eos_id, pad_id=pad_id)
+
+    return jax.jit(fn)
+
+
+def left_pad(sequences: Sequence[np.ndarray], length: int, pad_id: int):
+    """(tokens [n, length] int32, mask [n, length] bool) with each sequence right-aligned.
+
+    Left padding puts every prompt's last token in the final slot, which is what lets the sampler
+    prefill a ragged batch in one call and read every row's next-token logits from one column.
+    """
+    tokens = np.full((len(sequences), length), pad_id, np.int32)
+    mask = np.zeros((len(sequences), length), bool)
+    for row, seq in enumerate(sequences):
+        if len(seq) > length:
+            raise ValueError(f"sequence of length {len(seq)} does not fit in {length}")
+        if len(seq):
+            tokens[row, -len(seq):] = seq
+            mask[row, -len(seq):] = True
+    return tokens, mask
+
+
+def _text_of(tokens: np.ndarray, eos_id: int, tokenizer) -> str:
+    """Decoded text of one generated row, cut before its first EOS."""
+    ids = tokens.tolist()
+    if eos_id in ids:
+        ids = ids[: ids.index(eos_id)]
+    return tokenizer.decode(ids)
+
+
+def generate_text(params, cfg: ModelConfig, tokenizer, prompts: list[str], *, max_new_tokens: int,
+                  temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, seed: int = 0,
+                  batch_size: int = 32) -> list[str]:
+    """Completions of `prompts` as strings: the evaluation and demo path, strings in and out.
+
+    Prompts are encoded as in training (`[bos] + text`), batched `batch_size` at a time with the
+    last batch filled by dummy rows, and left-padded to a multiple of 16 tokens, so an evaluation
+    over many prompts compiles once per length bucket. Batch j samples with
+    `fold_in(key(seed), j)`; greedy output does not depend on batching.
+    """
+    fn = make_generate_fn(cfg, max_new_tokens, float(temperature), int(top_k), float(top_p),
+                          int(tokenizer.eos_id), int(tokenizer.pad_id))
+    encoded = [encode_prompt(text, tokenizer) for text in prompts]
+    key = jax.random.key(seed)
+    outputs: list[str] = []
+    for start in range(0, len(encoded), batch_size):
+        batch = encoded[start:start + batch_size]
+        rows = batch + [np.asarray([tokenizer.bos_id], np.int32)] * (batch_size - len(batch))
+        longest = max(len(seq) for seq in rows)
+        length = -(-longest // PAD_MULTIPLE) * PAD_MULTIPLE
+        tokens, mask = left_pad(rows, length, tokenizer.pad_id)
+        result = fn(params, tokens, mask, jax.random.fold_in(key, start // batch_size))
+        generated = np.asarray(result["tokens"])
+        outputs += [_text_of(generated[i], tokenizer.eos_id, tokenizer) for i in range(len(batch))]
+    return outputs

@@ -1,0 +1,143 @@
+"""Meshes, logical-axis rules and multi-host initialization.
+
+Parameters and key activations carry logical axis names (`embed`, `heads`, `kv`, `mlp`, `vocab`,
+`batch`, `length`, `norm`); the config's rules table maps them to the mesh axes `data`, `fsdp`
+and `tensor`. The same program then runs on 1 CPU, 8 GPUs or a TPU pod: only the mesh shape and
+the rules change. A dimension that the mapped mesh axes do not divide stays unsharded.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import math
+import os
+import re
+
+import flax.linen as nn
+import jax
+import numpy as np
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
+
+from ptjax import tree as ptree
+
+MESH_AXES = ("data", "fsdp", "tensor")
+
+DEFAULT_RULES = (
+    ("batch", ("data", "fsdp")),
+    ("embed", "fsdp"),
+    ("heads", "tensor"),
+    ("kv", "tensor"),
+    ("mlp", "tensor"),
+    ("vocab", "tensor"),
+    ("length", None),
+    ("norm", None),
+)
+
+_ACTIVE = contextvars.ContextVar("ptjax_sharding", default=None)
+
+
+def make_mesh(shape: dict) -> Mesh:
+    """A (data, fsdp, tensor) mesh over all devices; one entry may be -1 to take the rest.
+
+    Axis types are Auto: XLA propagates shardings from the annotated inputs (jax 0.10's
+    `jax.make_mesh` defaults to Explicit, which would make every op's sharding a type error).
+    """
+    sizes = [int(shape.get(a, 1)) for a in MESH_AXES]
+    n = jax.device_count()
+    if sizes.count(-1) > 1:
+        raise ValueError(f"mesh: at most one axis may be -1, got {dict(zip(MESH_AXES, sizes))}")
+    if -1 in sizes:
+        known = math.prod(s for s in sizes if s != -1)
+        sizes[sizes.index(-1)] = n // known
+    if math.prod(sizes) != n:
+        raise ValueError(f"mesh {dict(zip(MESH_AXES, sizes))} needs {math.prod(sizes)} devices, "
+                         f"have {n}")
+    return jax.make_mesh(tuple(sizes), MESH_AXES, axis_types=(AxisType.Auto,) * 3)
+
+
+def _rules(rules) -> tuple:
+    return tuple((name, tuple(axes) if isinstance(axes, list) else axes) for name, axes in rules)
+
+
+def spec_for(logical_axes, shape, mesh: Mesh, rules) -> P:
+    """PartitionSpec of one array: its logical names through the rules, dropping any mesh axis
+    that does not divide the dimension (small heads or vocabularies stay replicated)."""
+    spec = nn.logical_to_mesh_axes(logical_axes, _rules(rules))
+    fixed = []
+    for dim, axes in zip(shape, tuple(spec) + (None,) * (len(shape) - len(spec))):
+        names = (axes,) if isinstance(axes, str) else (axes or ())
+        size = math.prod(mesh.shape[a] for a in names)
+        fixed.append(axes if names and dim % size == 0 else None)
+    return P(*fixed)
+
+
+def param_logical_axes(path: str, ndim: int):
+    """Logical axes of a parameter by its path (PARAM_AXES); unknown parameters are unnamed."""
+    from ptjax.models.llama import PARAM_AXES  # the model imports `constrain` from here
+
+    for pattern, axes in PARAM_AXES:
+        if re.search(pattern, path) and len(axes) == ndim:
+            return axes
+    return (None,) * ndim
+
+
+def param_shardings(params, mesh: Mesh, rules):
+    """NamedSharding for every leaf. A weight node takes the sharding of the array it wraps
+    (each node type says how its parts relate to its base's axes)."""
+
+    def one(path, leaf):
+        if ptree.is_weight_node(leaf):
+            axes = param_logical_axes(path, len(leaf.shape))
+            return leaf.shardings(lambda part_axes, shape: NamedSharding(
+                mesh, spec_for(part_axes, shape, mesh, rules)), axes)
+        axes = param_logical_axes(path, np.ndim(leaf))
+        return NamedSharding(mesh, spec_for(axes, np.shape(leaf), mesh, rules))
+
+    return ptree.map_with_path(one, params, nodes_as_leaves=True)
+
+
+def batch_sharding(mesh: Mesh, rules, ndim: int = 2) -> NamedSharding:
+    """Sharding of [batch, length, ...] host arrays: batch split over the data-parallel axes."""
+    spec = nn.logical_to_mesh_axes(("batch",) + (None,) * (ndim - 1), _rules(rules))
+    return NamedSharding(mesh, spec)
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+    """Fully replicated sharding (scalars, RNG keys, step counters)."""
+    return NamedSharding(mesh, P())
+
+
+@contextlib.contextmanager
+def use(mesh: Mesh, rules):
+    """Make `constrain` active while tracing model code for this mesh and rules."""
+    token = _ACTIVE.set((mesh, _rules(rules)))
+    try:
+        yield
+    finally:
+        _ACTIVE.reset(token)
+
+
+def constrain(x, logical_axes):
+    """Annotate an activation with logical axes (no-op outside `use`), so XLA keeps e.g. the
+    residual stream batch-sharded instead of guessing."""
+    active = _ACTIVE.get()
+    if active is None:
+        return x
+    mesh, rules = active
+    return jax.lax.with_sharding_constraint(
+        x, NamedSharding(mesh, spec_for(logical_axes, x.shape, mesh, rules)))
+
+
+def initialize_distributed(coordinator: str = "", num_processes: int = 0, process_id: int = -1):
+    """Start JAX's multi-controller runtime when running one process per host.
+
+    With no arguments, JAX auto-detects cluster environments (TPU pods, SLURM, Open MPI); a
+    single process with nothing to detect skips initialization.
+    """
+    if coordinator:
+        jax.distributed.initialize(coordinator_address=coordinator, num_processes=num_processes,
+                                   process_id=process_id)
+    elif any(k in os.environ for k in ("SLURM_JOB_ID", "OMPI_COMM_WORLD_SIZE", "TPU_WORKER_ID",
+                                       "CLOUD_TPU_TASK_ID")):
+        jax.distributed.initialize()

@@ -1,0 +1,65 @@
+"""The keys every trainer config understands, with their defaults.
+
+Config files in `configs/` start from `base_config()` and change what their experiment needs;
+`--config.a.b=value` overrides any of these on the command line, and a misspelled key fails
+with its name (ml_collections refuses keys that do not exist).
+"""
+
+from __future__ import annotations
+
+import ml_collections
+
+
+def base_config() -> ml_collections.ConfigDict:
+    """Defaults for a supervised fine-tuning run of the demo-sized model."""
+    c = ml_collections.ConfigDict()
+    c.trainer = "sft"
+    c.seed = 0
+
+    c.model = ml_collections.ConfigDict()
+    c.model.preset = "demo"
+    c.model.dtype = "float32"  # compute dtype of the matmuls; master weights stay float32
+    c.model.remat = "none"  # or "full"
+    c.model.init = ""  # Hugging Face checkpoint folder to start from ("" = random init)
+
+    c.data = ml_collections.ConfigDict()
+    c.data.tokenizer = "byte"  # or a tokenizer.json path / Hugging Face folder
+    c.data.train = ""  # JSONL: {"prompt","completion"} or {"messages": [...]}
+    c.data.eval = ""
+
+    c.train = ml_collections.ConfigDict()
+    c.train.steps = 200
+    c.train.batch_size = 16
+    c.train.seq_len = 256
+    c.train.grad_accum = 1
+    c.train.log_every = 10
+
+    c.eval = ml_collections.ConfigDict()
+    c.eval.every = 100
+    c.eval.max_batches = 16
+
+    c.optim = ml_collections.ConfigDict()
+    c.optim.name = "adamw"
+    c.optim.lr = 1e-3
+    c.optim.warmup_steps = 20
+    c.optim.final_lr_fraction = 0.1
+    c.optim.weight_decay = 0.01
+    c.optim.no_decay = r"(norm|bias|embed)"  # paths that get no weight decay
+    c.optim.b1 = 0.9
+    c.optim.b2 = 0.95
+    c.optim.eps = 1e-8
+    c.optim.clip_norm = 1.0
+    c.optim.momentum = 0.0  # sgd only
+
+    c.trainable = ".*"  # regex over parameter paths; everything else is frozen
+
+    c.checkpoint = ml_collections.ConfigDict()
+    c.checkpoint.every = 100
+    c.checkpoint.keep = 2
+    c.checkpoint.async_save = True
+
+    c.mesh = ml_collections.ConfigDict({"data": -1, "fsdp": 1, "tensor": 1})
+    c.sharding_rules = [["batch", ["data", "fsdp"]], ["embed", "fsdp"], ["heads", "tensor"],
+                        ["kv", "tensor"], ["mlp", "tensor"], ["vocab", "tensor"],
+                        ["length", None], ["norm", None]]
+    return c

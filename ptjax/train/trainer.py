@@ -1,0 +1,178 @@
+"""The training loop: build state on the mesh, resume, step, log, evaluate, checkpoint.
+
+Reads top to bottom. Everything a step needs is in `TrainState`; everything a resume needs is in
+the checkpoint (state + iterator position), so rerunning the same command continues the run and
+produces the same metrics an uninterrupted run would.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import math
+import os
+import time
+
+import jax
+from tqdm import tqdm
+
+from ptjax import checkpoint, sharding
+from ptjax import tree as ptree
+from ptjax.data import PackedBatches, eval_batches
+from ptjax.models import llama
+from ptjax.models.config import ModelConfig, preset
+from ptjax.train import metrics as metrics_lib
+from ptjax.train import optim, sft
+from ptjax.train import state as state_lib
+
+
+def model_config(config) -> ModelConfig:
+    """The model dimensions a run config asks for (`model.preset` plus dtype/remat overrides)."""
+    return preset(config.model.preset, dtype=config.model.dtype, remat=config.model.remat)
+
+
+def write_config(config, workdir: str):
+    """Record the exact resolved config of a run as WORKDIR/config.json."""
+    os.makedirs(workdir, exist_ok=True)
+    with open(os.path.join(workdir, "config.json"), "w") as f:
+        f.write(config.to_json_best_effort(indent=2, sort_keys=True))
+
+
+def to_device(batch: dict, sharding_: jax.sharding.Sharding) -> dict:
+    """Host numpy batch -> global arrays laid out by `sharding_` (works on one or many hosts)."""
+    return {k: jax.make_array_from_process_local_data(sharding_, v) for k, v in batch.items()}
+
+
+@dataclasses.dataclass
+class Result:
+    """What a finished (or already complete) run hands back to its caller."""
+
+    params: dict
+    model_cfg: ModelConfig
+    metrics: dict
+
+
+def evaluate(eval_fn, params, batches, batch_sharding) -> dict:
+    """Token-weighted loss, perplexity and next-token accuracy over all eval batches."""
+    nll = tokens = correct = 0.0
+    for b in batches:
+        out = jax.device_get(eval_fn(params, to_device(b, batch_sharding)))
+        nll += float(out["nll_sum"])
+        tokens += float(out["tokens"])
+        correct += float(out["correct"])
+    loss = nll / max(tokens, 1.0)
+    return {"eval/loss": loss, "eval/perplexity": math.exp(min(loss, 50.0)),
+            "eval/accuracy": correct / max(tokens, 1.0)}
+
+
+def train(config, workdir: str, train_examples, eval_examples=(), init_params=None,
+          show_progress: bool = True) -> Result:
+    """Train (or resume training) on encoded examples and return the final parameters.
+
+    `train_examples`/`eval_examples` are lists of `(ids, loss_mask)` from `ptjax.data.encode_sft`.
+    `init_params` starts from given weights (e.g. a pretrained base) instead of random ones.
+    """
+    write_config(config, workdir)
+    cfg = model_config(config)
+    mesh = sharding.make_mesh(config.mesh.to_dict())
+    rules = [tuple(r) for r in config.sharding_rules]
+    tc = config.train
+    if tc.batch_size % tc.grad_accum:
+        raise ValueError(f"train.batch_size ({tc.batch_size}) must be divisible by "
+                         f"train.grad_accum ({tc.grad_accum})")
+
+    # Parameters and the fresh state are created directly with their shardings.
+    if init_params is None:
+        init_params = jax.jit(llama.init_params, static_argnums=0)(cfg, jax.random.key(config.seed))
+    trainable_mask = ptree.select(init_params, config.trainable)
+    tx = optim.make_optimizer(config.optim, ptree.split(init_params, trainable_mask)[0], tc.steps)
+    create = functools.partial(state_lib.create, trainable_mask=trainable_mask, tx=tx,
+                               seed=config.seed)
+    abstract = jax.eval_shape(create, init_params)
+    state_shardings = sharding.param_shardings(abstract, mesh, rules)
+    state = jax.jit(create, out_shardings=state_shardings)(init_params)
+    del init_params
+
+    batch_sharding = sharding.batch_sharding(mesh, rules)
+    with sharding.use(mesh, rules):
+        step_fn = jax.jit(
+            functools.partial(sft.train_step, model_cfg=cfg, tx=tx, grad_accum=tc.grad_accum),
+            in_shardings=(state_shardings, batch_sharding, sharding.replicated(mesh)),
+            out_shardings=(state_shardings, sharding.replicated(mesh)),
+            donate_argnums=0)
+        eval_fn = jax.jit(functools.partial(sft.eval_step, model_cfg=cfg))
+
+    data = PackedBatches(list(train_examples), tc.seq_len, tc.batch_size, seed=config.seed)
+    eval_data = eval_batches(list(eval_examples), tc.seq_len, tc.batch_size)[:config.eval.max_batches]
+
+    mngr = checkpoint.manager(workdir, keep=config.checkpoint.keep,
+                              async_save=config.checkpoint.async_save)
+    restored = checkpoint.restore_latest(mngr, checkpoint.abstract_like(state, state_shardings))
+    start = 0
+    if restored is not None:
+        start, state, data_state = restored
+        data.restore(data_state)
+    log = metrics_lib.MetricsLog(workdir, resume_step=start)
+    schedule = optim.learning_rate_schedule(config.optim, tc.steps)
+    base_key = jax.random.key(config.seed)
+
+    last_metrics: dict = {}
+    with sharding.use(mesh, rules):
+        bar = tqdm(range(start, tc.steps), initial=start, total=tc.steps, desc=os.path.basename(workdir),
+                   disable=not show_progress or jax.process_index() != 0, dynamic_ncols=True)
+        window_start, window_steps = time.perf_counter(), 0
+        for step in bar:
+            batch = to_device(next(data), batch_sharding)
+            state, step_metrics = step_fn(state, batch, jax.random.fold_in(base_key, step))
+            window_steps += 1
+            done = step + 1
+            if step == start:  # keep compilation out of the throughput figure
+                jax.block_until_ready(step_metrics)
+                window_start, window_steps = time.perf_counter(), 0
+            if done % tc.log_every == 0 or done == tc.steps:
+                step_metrics = jax.device_get(step_metrics)
+                elapsed = time.perf_counter() - window_start
+                row = {f"train/{k}": v for k, v in step_metrics.items()}
+                row["train/lr"] = float(schedule(step))
+                if window_steps:
+                    row["train/tokens_per_s"] = window_steps * tc.batch_size * tc.seq_len / elapsed
+                log.write(done, row)
+                last_metrics.update(row)
+                bar.set_postfix(loss=f"{float(step_metrics['loss']):.4f}",
+                                tok_s=f"{row.get('train/tokens_per_s', 0):.0f}")
+                window_start, window_steps = time.perf_counter(), 0
+            if eval_data and config.eval.every and (done % config.eval.every == 0 or done == tc.steps):
+                row = evaluate(eval_fn, state.params, eval_data, batch_sharding)
+                log.write(done, row)
+                last_metrics.update(row)
+            if done % config.checkpoint.every == 0 or done == tc.steps:
+                checkpoint.save(mngr, done, state, data.state())
+        bar.close()
+    mngr.wait_until_finished()
+    mngr.close()
+
+    if eval_data and "eval/loss" not in last_metrics:  # resumed a finished run: still report
+        last_metrics.update(evaluate(eval_fn, state.params, eval_data, batch_sharding))
+    log.close()
+    if jax.process_index() == 0:
+        metrics_lib.plot_losses(workdir)
+    params = state.params
+    return Result(params=params, model_cfg=cfg, metrics=last_metrics)
+
+
+def read_summary(path: str) -> dict:
+    """Load a summary.json (empty when absent), so stages can add to it."""
+    if not os.path.exists(path):
+        return {}
+    with open(path) as f:
+        return json.load(f)
+
+
+def write_summary(path: str, summary: dict):
+    """Write summary.json atomically (a kill never leaves half a file)."""
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(summary, f, indent=2, sort_keys=True)
+    os.replace(tmp, path)
+

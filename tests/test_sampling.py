@@ -1,0 +1,234 @@
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from ptjax import sampling
+from ptjax.data import ByteTokenizer
+from ptjax.models import llama
+from ptjax.models.config import preset
+
+CFG = preset("tiny")
+N_NEW = 8
+
+
+def _params(seed=0):
+    """Tiny params with matrices scaled up so attention is sharp and logits spread out: with the
+    default 0.02 init, position or padding mistakes would barely move the argmax."""
+    params = llama.init_params(CFG, jax.random.key(seed))
+    return jax.tree.map(lambda x: x * 6.0 if x.ndim == 2 else x, params)
+
+
+PARAMS = _params()
+_forward = jax.jit(llama.forward, static_argnums=1)
+WIDTH, ROWS = 48, 8  # every reference forward is [ROWS, WIDTH]: one compile for the whole file
+
+
+def _logits(seqs):
+    """Uncached logits [len(seq), vocab] of each sequence, computed without any left padding.
+
+    Sequences are right-padded into one fixed shape (segment 0 past their end); under causal
+    attention a position never sees the slots after it, so each row is its own unpadded forward.
+    """
+    out = []
+    for start in range(0, len(seqs), ROWS):
+        chunk = seqs[start:start + ROWS]
+        tokens = np.zeros((ROWS, WIDTH), np.int32)
+        segments = np.zeros((ROWS, WIDTH), np.int32)
+        for row, seq in enumerate(chunk):
+            tokens[row, :len(seq)] = seq
+            segments[row, :len(seq)] = 1
+        positions = np.broadcast_to(np.arange(WIDTH, dtype=np.int32), (ROWS, WIDTH))
+        logits = np.asarray(_forward(PARAMS, CFG, tokens, positions, segments))
+        out += [logits[row, :len(seq)] for row, seq in enumerate(chunk)]
+    return out
+
+
+def _log_softmax(x):
+    x = np.asarray(x, np.float64)
+    x = x - x.max(axis=-1, keepdims=True)
+    return x - np.log(np.exp(x).sum(axis=-1, keepdims=True))
+
+
+def _reference(prompts, n_new, eos_id=2):
+    """Greedy (tokens, temperature-1 logprobs) per prompt, one uncached forward per step."""
+    seqs = [list(p) for p in prompts]
+    results = [([], []) for _ in prompts]
+    for _ in range(n_new):
+        live = [i for i, (tokens, _) in enumerate(results) if eos_id not in tokens]
+        for i, logits in zip(live, _logits([seqs[i] for i in live])):
+            token = int(np.argmax(logits[-1]))
+            results[i][0].append(token)
+            results[i][1].append(float(_log_softmax(logits[-1])[token]))
+            seqs[i].append(token)
+    return results
+
+
+def _prompts(lengths, seed=1):
+    rng = np.random.default_rng(seed)
+    return [np.concatenate([[1], rng.integers(3, CFG.vocab_size, n - 1)]).astype(np.int32)
+            for n in lengths]
+
+
+LENGTHS = (3, 9, 6, 1)
+PROMPTS = _prompts(LENGTHS)
+TOKENS, MASK = sampling.left_pad(PROMPTS, 16, 0)
+REFERENCE = _reference(PROMPTS, N_NEW)
+
+
+def test_positions_count_real_tokens_only():
+    mask = jnp.asarray([[0, 0, 1, 1, 1], [1, 1, 1, 1, 1], [0, 0, 0, 0, 1]])
+    np.testing.assert_array_equal(sampling.positions_from_mask(mask),
+                                  [[0, 0, 0, 1, 2], [0, 1, 2, 3, 4], [0, 0, 0, 0, 0]])
+
+
+def test_greedy_matches_uncached_reference_with_ragged_left_padding():
+    out = sampling.make_generate_fn(CFG, N_NEW)(PARAMS, TOKENS, MASK, jax.random.key(0))
+    b = len(PROMPTS)
+    chex.assert_shape([out["tokens"], out["logprobs"]], (b, N_NEW))
+    chex.assert_shape([out["lengths"], out["done"]], (b,))
+    chex.assert_type([out["tokens"], out["logprobs"], out["lengths"], out["done"]],
+                     [jnp.int32, jnp.float32, jnp.int32, bool])
+    for row, (tokens, logprobs) in enumerate(REFERENCE):
+        assert 2 not in tokens  # EOS is covered below; here every row runs to the end
+        np.testing.assert_array_equal(out["tokens"][row], tokens, err_msg=f"row {row}")
+        np.testing.assert_allclose(out["logprobs"][row], logprobs, atol=1e-4, err_msg=f"row {row}")
+    np.testing.assert_array_equal(out["lengths"], N_NEW)
+    assert not out["done"].any()
+    # The rows genuinely differ, so a batching mix-up could not pass unnoticed.
+    assert len({tuple(t) for t, _ in REFERENCE}) == len(REFERENCE)
+
+
+EOS = REFERENCE[0][0][3]  # the token row 0 emits greedily at step 3, used as EOS below
+
+
+def test_eos_stops_rows_and_pads_the_rest():
+    # Row 0 must stop at step 3 (or earlier); every other row wherever EOS first appears in its
+    # reference, if at all.
+    out = sampling.make_generate_fn(CFG, N_NEW, eos_id=EOS)(PARAMS, TOKENS, MASK, jax.random.key(0))
+    for row, (tokens, logprobs) in enumerate(REFERENCE):
+        stop = tokens.index(EOS) + 1 if EOS in tokens else N_NEW
+        expected = tokens[:stop] + [0] * (N_NEW - stop)
+        np.testing.assert_array_equal(out["tokens"][row], expected, err_msg=f"row {row}")
+        np.testing.assert_allclose(out["logprobs"][row], logprobs[:stop] + [0.0] * (N_NEW - stop),
+                                   atol=1e-4)
+        assert int(out["lengths"][row]) == stop
+        assert bool(out["done"][row]) == (EOS in tokens)
+    assert int(out["lengths"][0]) <= 4 and bool(out["done"][0])
+    assert not out["done"].all()
+
+
+def test_loop_exits_early_once_every_row_is_done():
+    # Four copies of row 0: all finish together, and the slots the loop never reached stay padding.
+    tokens, mask = sampling.left_pad([PROMPTS[0]] * 4, 16, 0)
+    out = sampling.make_generate_fn(CFG, N_NEW, eos_id=EOS)(PARAMS, tokens, mask, jax.random.key(0))
+    ref_tokens, ref_logprobs = REFERENCE[0]
+    stop = ref_tokens.index(EOS) + 1
+    np.testing.assert_array_equal(out["tokens"], [ref_tokens[:stop] + [0] * (N_NEW - stop)] * 4)
+    np.testing.assert_allclose(out["logprobs"][:, :stop], [ref_logprobs[:stop]] * 4, atol=1e-4)
+    np.testing.assert_array_equal(out["logprobs"][:, stop:], 0.0)
+    np.testing.assert_array_equal(out["lengths"], stop)
+    assert out["done"].all()
+
+
+def _numpy_filter(logits, top_k, top_p):
+    """Reference top-k then top-p keep-mask for one row, written as plainly as possible."""
+    order = np.argsort(-logits)
+    keep = np.zeros(len(logits), bool)
+    candidates = order[:top_k] if 0 < top_k < len(logits) else order
+    values = logits[candidates]
+    probs = np.exp(values - values.max())
+    probs /= probs.sum()
+    total = 0.0
+    for token, prob in zip(candidates, probs):  # candidates are sorted by descending logit
+        keep[token] = True
+        total += prob
+        if top_p < 1.0 and total >= top_p:
+            break
+    return keep
+
+
+@pytest.mark.parametrize("top_k,top_p", [(0, 1.0), (1, 1.0), (5, 1.0), (40, 1.0), (0, 0.3),
+                                         (0, 0.9), (10, 0.5), (3, 0.99), (0, 0.0)])
+def test_filter_logits_matches_numpy(top_k, top_p):
+    logits = np.random.default_rng(top_k * 100 + int(top_p * 10)).normal(size=(16, 50)) * 2.0
+    logits = logits.astype(np.float32)
+    out = np.asarray(sampling.filter_logits(jnp.asarray(logits), top_k, top_p))
+    chex.assert_shape(out, logits.shape)
+    for row in range(len(logits)):
+        keep = _numpy_filter(logits[row].astype(np.float64), top_k, top_p)
+        np.testing.assert_array_equal(out[row] > -1e30, keep, err_msg=f"row {row}")
+        np.testing.assert_array_equal(out[row][keep], logits[row][keep])
+    if top_k == 0 and top_p == 1.0:
+        np.testing.assert_array_equal(out, logits)
+
+
+def _chi_square(counts, probs):
+    expected = probs * counts.sum()
+    return float(np.sum((counts - expected) ** 2 / np.maximum(expected, 1e-12)))
+
+
+@pytest.mark.parametrize("temperature,top_k,top_p", [(0.7, 0, 1.0), (1.5, 12, 0.9)])
+def test_sampling_distribution_filters_and_logprobs(temperature, top_k, top_p):
+    n, n_new, checked = 4096, 4, 16
+    prompt = PROMPTS[1]
+    tokens = jnp.asarray(np.tile(prompt, (n, 1)))
+    fn = sampling.make_generate_fn(CFG, n_new, temperature, top_k, top_p, -1, 0)
+    out = fn(PARAMS, tokens, jnp.ones_like(tokens), jax.random.key(7))
+    generated = np.asarray(out["tokens"])
+
+    # First token: the empirical distribution matches softmax(filter(logits / T)).
+    logits = _logits([prompt])[0][-1].astype(np.float64)
+    probs = np.where(_numpy_filter(logits, top_k, top_p), np.exp(_log_softmax(logits / temperature)), 0)
+    probs /= probs.sum()
+    counts = np.bincount(generated[:, 0], minlength=CFG.vocab_size)
+    support = probs > 0
+    assert counts[~support].sum() == 0
+    df = support.sum() - 1
+    assert df >= 5, df  # several likely tokens, or the test says little
+    bound = df + 6 * np.sqrt(2 * df)
+    assert _chi_square(counts[support], probs[support]) < bound
+    # ... and the same samples reject the distribution without the temperature.
+    untempered = np.where(_numpy_filter(logits, top_k, top_p), np.exp(_log_softmax(logits)), 1e-9)
+    assert _chi_square(counts, untempered / untempered.sum()) > bound
+
+    # Every later token too lies in the filtered set of its own (uncached) logits, and the
+    # reported logprob is the unfiltered log_softmax(logits / T) of that token.
+    rows = [list(prompt) + list(generated[i]) for i in range(checked)]
+    for i, row_logits in enumerate(_logits(rows)):
+        for step, token in enumerate(generated[i]):
+            step_logits = row_logits[len(prompt) - 1 + step].astype(np.float64) / temperature
+            assert _numpy_filter(step_logits, top_k, top_p)[token], (i, step)
+            np.testing.assert_allclose(out["logprobs"][i, step], _log_softmax(step_logits)[token],
+                                       atol=1e-4)
+    assert len({tuple(r) for r in generated[:checked]}) > 1  # it really samples
+
+
+def test_prompt_embeds_replace_token_embeddings():
+    # Embeddings of the rows in reverse order, fed with the original tokens: the output must be
+    # that of the reversed prompts, i.e. the embeddings, not the tokens, drive the prefill.
+    embeds = llama.embed_tokens(PARAMS, CFG, TOKENS[::-1])
+    generate = jax.jit(sampling.generate, static_argnums=1,
+                       static_argnames=("max_new_tokens", "eos_id"))
+    out = generate(PARAMS, CFG, TOKENS, MASK[::-1], jax.random.key(0), max_new_tokens=3,
+                   eos_id=-1, prompt_embeds=embeds)
+    np.testing.assert_array_equal(out["tokens"], [t[:3] for t, _ in REFERENCE[::-1]])
+
+
+def test_generate_text_is_independent_of_batching():
+    tok = ByteTokenizer()
+    # Batches of 4: the first is padded to 32 tokens (the long prompt), the second to 16 and
+    # filled with dummy rows; alone, each short prompt is padded to 16.
+    prompts = ["hi", "the quick brown fox jumps over", "a", "hello world", "xyz"]
+    kwargs = dict(max_new_tokens=N_NEW, batch_size=4)
+    batched = sampling.generate_text(PARAMS, CFG, tok, prompts, **kwargs)
+    assert isinstance(batched, list) and len(batched) == len(prompts)
+    assert all(isinstance(text, str) for text in batched)
+    alone = [sampling.generate_text(PARAMS, CFG, tok, [p], **kwargs)[0] for p in prompts]
+    assert batched == alone
+    # Both equal the uncached greedy reference, decoded up to (not including) EOS.
+    reference = _reference([[1] + tok.encode(p) for p in prompts], N_NEW)
+    for text, (tokens, _) in zip(batched, reference):
+        assert text == tok.decode(tokens[:tokens.index(2)] if 2 in tokens else tokens)
+    assert len({text for text in batched}) > 1
