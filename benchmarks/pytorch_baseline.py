@@ -25,6 +25,7 @@ import argparse
 import json
 import resource
 import statistics
+import sys
 import time
 
 import torch
@@ -98,9 +99,13 @@ def main() -> None:
             raise RuntimeError(f"non-finite loss {loss.item()}")
         return time.perf_counter() - t0
 
-    for _ in range(args.warmup):
-        step()
-    times = [step() for _ in range(args.steps)]
+    times = []
+    for i in range(args.warmup + args.steps):
+        dt = step()
+        kind = "warmup" if i < args.warmup else "timed"
+        print(f"step {i} ({kind}): {dt:.3f} s", file=sys.stderr, flush=True)
+        if i >= args.warmup:
+            times.append(dt)
     step_s = statistics.median(times)
 
     print(json.dumps({

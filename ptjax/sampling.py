@@ -138,15 +138,20 @@ def generate(params, cfg: ModelConfig, prompt_tokens, prompt_mask, rng, *, max_n
     return {k: state[k] for k in ("tokens", "logprobs", "lengths", "done")}
 
 
-@functools.lru_cache(maxsize=32)
 def make_generate_fn(cfg: ModelConfig, max_new_tokens: int, temperature: float = 0.0,
                      top_k: int = 0, top_p: float = 1.0, eos_id: int = 2, pad_id: int = 0):
     """A jitted `fn(params, prompt_tokens, prompt_mask, rng) -> generate(...)'s dict`.
 
     Binding the static hyperparameters once, and memoizing per (cfg, hyperparameters), lets
-    training loops and evaluation call the sampler repeatedly without retracing or recompiling.
+    training loops and evaluation call the sampler repeatedly without retracing or recompiling;
+    the values are normalized first so `temperature=1` and `temperature=1.0` share one program.
     """
+    return _jitted_generate(cfg, int(max_new_tokens), float(temperature), int(top_k),
+                            float(top_p), int(eos_id), int(pad_id))
 
+
+@functools.lru_cache(maxsize=32)
+def _jitted_generate(cfg, max_new_tokens, temperature, top_k, top_p, eos_id, pad_id):
     def fn(params, prompt_tokens, prompt_mask, rng):
         return generate(params, cfg, prompt_tokens, prompt_mask, rng,
                         max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
@@ -190,8 +195,8 @@ def generate_text(params, cfg: ModelConfig, tokenizer, prompts: list[str], *, ma
     over many prompts compiles once per length bucket. Batch j samples with
     `fold_in(key(seed), j)`; greedy output does not depend on batching.
     """
-    fn = make_generate_fn(cfg, max_new_tokens, float(temperature), int(top_k), float(top_p),
-                          int(tokenizer.eos_id), int(tokenizer.pad_id))
+    fn = make_generate_fn(cfg, max_new_tokens, temperature, top_k, top_p, tokenizer.eos_id,
+                          tokenizer.pad_id)
     encoded = [encode_prompt(text, tokenizer) for text in prompts]
     key = jax.random.key(seed)
     outputs: list[str] = []

@@ -37,14 +37,14 @@ DEFAULT_RULES = (
 _ACTIVE = contextvars.ContextVar("ptjax_sharding", default=None)
 
 
-def make_mesh(shape: dict) -> Mesh:
+def make_mesh(shape: dict, devices=None) -> Mesh:
     """A (data, fsdp, tensor) mesh over all devices; one entry may be -1 to take the rest.
 
     Axis types are Auto: XLA propagates shardings from the annotated inputs (jax 0.10's
     `jax.make_mesh` defaults to Explicit, which would make every op's sharding a type error).
     """
     sizes = [int(shape.get(a, 1)) for a in MESH_AXES]
-    n = jax.device_count()
+    n = len(devices) if devices is not None else jax.device_count()
     if sizes.count(-1) > 1:
         raise ValueError(f"mesh: at most one axis may be -1, got {dict(zip(MESH_AXES, sizes))}")
     if -1 in sizes:
@@ -53,7 +53,8 @@ def make_mesh(shape: dict) -> Mesh:
     if math.prod(sizes) != n:
         raise ValueError(f"mesh {dict(zip(MESH_AXES, sizes))} needs {math.prod(sizes)} devices, "
                          f"have {n}")
-    return jax.make_mesh(tuple(sizes), MESH_AXES, axis_types=(AxisType.Auto,) * 3)
+    return jax.make_mesh(tuple(sizes), MESH_AXES, axis_types=(AxisType.Auto,) * 3,
+                         devices=devices)
 
 
 def _rules(rules) -> tuple:

@@ -169,9 +169,11 @@ def _chi_square(counts, probs):
     return float(np.sum((counts - expected) ** 2 / np.maximum(expected, 1e-12)))
 
 
-@pytest.mark.parametrize("temperature,top_k,top_p", [(0.7, 0, 1.0), (1.5, 12, 0.9)])
-def test_sampling_distribution_filters_and_logprobs(temperature, top_k, top_p):
-    n, n_new, checked = 4096, 4, 16
+def test_sampling_distribution_filters_and_logprobs():
+    # One configuration exercises temperature, top-k and top-p together (one compile); the filters
+    # alone are checked against numpy above.
+    temperature, top_k, top_p = 1.5, 12, 0.9
+    n, n_new, checked = 4096, 3, 16
     prompt = PROMPTS[1]
     tokens = jnp.asarray(np.tile(prompt, (n, 1)))
     fn = sampling.make_generate_fn(CFG, n_new, temperature, top_k, top_p, -1, 0)

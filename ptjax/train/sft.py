@@ -47,7 +47,7 @@ def train_step(state: TrainState, batch, rng, *, model_cfg, tx: optax.GradientTr
     updates, opt_state = tx.update(grads, state.opt_state, state.trainable)
     trainable = optax.apply_updates(state.trainable, updates)
     metrics = {"loss": loss / denom, "accuracy": correct / denom, "tokens": tokens,
-               "grad_norm": optax.global_norm(grads)}
+               "grad_norm": optax.tree.norm(grads)}
     return state.replace(step=state.step + 1, trainable=trainable, opt_state=opt_state), metrics
 
 
