@@ -82,7 +82,8 @@ def generate(params, cfg: ModelConfig, prompt_tokens, prompt_mask, rng, *, max_n
     Why this shape: RL and evaluation need whole batches of continuations, their logprobs and
     where each one stopped, from one compiled program. `prompt_tokens` [b, p] int32 and
     `prompt_mask` [b, p] (1 = real token) are left-padded; `prompt_embeds` [b, p, hidden], if
-    given, replaces the prompt's token embeddings (soft prompts). Hyperparameters are static.
+    given, replaces the prompt's token embeddings (soft prompts). Hyperparameters are static;
+    temperature 0 is greedy argmax and ignores top-k/top-p.
 
     A row emits `eos_id` once, then `pad_id` with logprob 0. Returns `tokens` [b, n] int32,
     `logprobs` [b, n] f32 (see the module docstring), `lengths` [b] int32 (tokens emitted,
@@ -152,6 +153,8 @@ def make_generate_fn(cfg: ModelConfig, max_new_tokens: int, temperature: float =
 
 @functools.lru_cache(maxsize=32)
 def _jitted_generate(cfg, max_new_tokens, temperature, top_k, top_p, eos_id, pad_id):
+    """The memoized jitted sampler behind `make_generate_fn` (arguments already normalized)."""
+
     def fn(params, prompt_tokens, prompt_mask, rng):
         return generate(params, cfg, prompt_tokens, prompt_mask, rng,
                         max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
