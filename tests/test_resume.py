@@ -61,7 +61,39 @@ def reference(tmp_path_factory, train_file):
     workdir = str(tmp_path_factory.mktemp("reference"))
     subprocess.run([sys.executable, os.path.join(REPO, "launch.py"), *command(workdir, train_file)],
                    check=True, env=env(), capture_output=True)
-    return losses(workdir)
+    return workdir
+
+
+def test_run_writes_config_metrics_tensorboard_and_plot(reference):
+    config = json.load(open(os.path.join(reference, "config.json")))
+    assert config["train"]["steps"] == 30 and config["model"]["preset"] == "tiny"
+    rows = [json.loads(line) for line in open(os.path.join(reference, "metrics.jsonl"))]
+    assert [r["step"] for r in rows] == list(range(1, 31))
+    assert all({"train/loss", "train/lr", "train/grad_norm"} <= set(r) for r in rows)
+    assert rows[-1]["train/loss"] < rows[0]["train/loss"]
+    assert any(f.startswith("events.out.tfevents")
+               for f in os.listdir(os.path.join(reference, "tensorboard")))
+    assert open(os.path.join(reference, "loss.png"), "rb").read(4) == b"\x89PNG"
+
+
+def test_unknown_config_key_is_named(tmp_path):
+    proc = subprocess.run([sys.executable, os.path.join(REPO, "launch.py"),
+                           "--config=" + os.path.join(REPO, "configs/sft.py"),
+                           f"--workdir={tmp_path}", "--config.train.stepz=3"],
+                          env=env(), capture_output=True, text=True)
+    assert proc.returncode != 0
+    assert "unknown config key 'stepz' in --config.train.stepz" in proc.stderr
+    assert "did you mean 'steps'" in proc.stderr
+
+
+def test_malformed_data_names_file_line_and_field(tmp_path):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"prompt": "a", "completion": "b"}\n{"prompt": "a", "completion": 3}\n')
+    proc = subprocess.run([sys.executable, os.path.join(REPO, "launch.py"),
+                           *command(str(tmp_path / "run"), str(bad))],
+                          env=env(), capture_output=True, text=True)
+    assert proc.returncode != 0
+    assert f"{bad}:2: field 'completion'" in proc.stderr
 
 
 def test_sigkill_mid_training_then_rerun_matches(tmp_path, train_file, reference):
@@ -80,7 +112,7 @@ def test_sigkill_mid_training_then_rerun_matches(tmp_path, train_file, reference
     assert proc.returncode == -signal.SIGKILL, "the run ended before it could be killed"
     assert not os.path.isdir(os.path.join(workdir, "checkpoints", "30"))
     subprocess.run(args, check=True, env=env(), capture_output=True)
-    assert losses(workdir) == pytest.approx(reference, rel=1e-6)
+    assert losses(workdir) == pytest.approx(losses(reference), rel=1e-6)
 
 
 def test_sigkill_during_async_save_keeps_last_checkpoint(tmp_path, train_file, reference):
@@ -92,6 +124,6 @@ def test_sigkill_during_async_save_keeps_last_checkpoint(tmp_path, train_file, r
     assert "4" in ckpts  # the previous complete checkpoint is intact
     subprocess.run([sys.executable, os.path.join(REPO, "launch.py"), *command(workdir, train_file)],
                    check=True, env=env(), capture_output=True)
-    assert losses(workdir) == pytest.approx(reference, rel=1e-6)
+    assert losses(workdir) == pytest.approx(losses(reference), rel=1e-6)
     assert sorted(int(c) for c in os.listdir(os.path.join(workdir, "checkpoints"))
                   if c.isdigit())[-1] == 30
