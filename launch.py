@@ -14,7 +14,7 @@ runtime.reexec_with_fast_allocator()  # must happen before JAX starts
 import re  # noqa: E402
 import sys  # noqa: E402
 
-from absl import app, flags  # noqa: E402
+from absl import app, flags, logging  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (configs/*.py).",
@@ -52,6 +52,8 @@ def main(argv):
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     from ptjax import sharding
 
+    if not flags.FLAGS["verbosity"].present:  # orbax logs every checkpoint step at INFO
+        logging.set_verbosity(logging.WARNING)
     sharding.initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
     config = _CONFIG.value
     available = trainers()

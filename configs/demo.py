@@ -30,13 +30,13 @@ def get_config(arg=None):
     c.demo.eval_examples = 400
     # Per-stage overrides of train / optim / eval.
     c.demo.pretrain = ml_collections.ConfigDict({
-        "train": {"steps": 1200},
+        "train": {"steps": 400},
         "optim": {"lr": 2e-3, "warmup_steps": 100},
-        "eval": {"every": 400},
+        "eval": {"every": 200},
     })
     c.demo.sft = ml_collections.ConfigDict({
-        "train": {"steps": 300},
+        "train": {"steps": 150},
         "optim": {"lr": 5e-4, "warmup_steps": 20},
-        "eval": {"every": 150},
+        "eval": {"every": 75},
     })
     return c

@@ -46,8 +46,8 @@ PRESETS = {
     # Unit tests: small enough that a compile takes a second.
     "tiny": ModelConfig(vocab_size=259, hidden=32, mlp=64, layers=2, heads=4, kv_heads=2, head_dim=8),
     # The embedded demo: a few million parameters over the built-in byte tokenizer.
-    "demo": ModelConfig(vocab_size=259, hidden=256, mlp=688, layers=4, heads=4, kv_heads=2,
-                        head_dim=64),
+    "demo": ModelConfig(vocab_size=259, hidden=192, mlp=512, layers=4, heads=6, kv_heads=2,
+                        head_dim=32),
     # The CPU benchmark model.
     "llama-56m": ModelConfig(vocab_size=32000, hidden=512, mlp=1408, layers=8, heads=8, kv_heads=4,
                              head_dim=64),

@@ -108,10 +108,14 @@ def train(config, workdir: str, train_examples, eval_examples=(), init_params=No
 
     mngr = checkpoint.manager(workdir, keep=config.checkpoint.keep,
                               async_save=config.checkpoint.async_save)
-    restored = checkpoint.restore_latest(mngr, checkpoint.abstract_like(state, state_shardings))
+    # Frozen weights are not checkpointed: they come from the base every time, so an adapter
+    # run's checkpoints hold only adapters and optimizer state.
+    restored = checkpoint.restore_latest(mngr, checkpoint.abstract_like(
+        state.replace(frozen=None), state_shardings.replace(frozen=None)))
     start = 0
     if restored is not None:
-        start, state, data_state = restored
+        start, saved, data_state = restored
+        state = saved.replace(frozen=state.frozen)
         data.restore(data_state)
     log = metrics_lib.MetricsLog(workdir, resume_step=start)
     schedule = optim.learning_rate_schedule(config.optim, tc.steps)
@@ -147,7 +151,7 @@ def train(config, workdir: str, train_examples, eval_examples=(), init_params=No
                 log.write(done, row)
                 last_metrics.update(row)
             if done % config.checkpoint.every == 0 or done == tc.steps:
-                checkpoint.save(mngr, done, state, data.state())
+                checkpoint.save(mngr, done, state.replace(frozen=None), data.state())
         bar.close()
     mngr.wait_until_finished()
     mngr.close()
