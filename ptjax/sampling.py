@@ -93,7 +93,7 @@ def generate(params, cfg: ModelConfig, prompt_tokens, prompt_mask, rng, *, max_n
     mask = prompt_mask.astype(jnp.int32)
     if prompt_embeds is None:
         prompt_embeds = llama.embed_tokens(params, cfg, prompt_tokens)
-    cache = llama.init_cache(cfg, b, p + max_new_tokens)
+    cache = llama.init_cache(cfg, b, p + max_new_tokens, params=params)
     hidden, cache = llama.decode(params, cfg, prompt_embeds, positions_from_mask(mask), mask, cache)
     next_position = jnp.sum(mask, axis=-1).astype(jnp.int32)  # position of generated token 0
 
@@ -198,9 +198,18 @@ def generate_text(params, cfg: ModelConfig, tokenizer, prompts: list[str], *, ma
     over many prompts compiles once per length bucket. Batch j samples with
     `fold_in(key(seed), j)`; greedy output does not depend on batching.
     """
+    encoded = [encode_prompt(text, tokenizer) for text in prompts]
+    return generate_from_ids(params, cfg, tokenizer, encoded, max_new_tokens=max_new_tokens,
+                             temperature=temperature, top_k=top_k, top_p=top_p, seed=seed,
+                             batch_size=batch_size)
+
+
+def generate_from_ids(params, cfg: ModelConfig, tokenizer, encoded: list[np.ndarray], *,
+                      max_new_tokens: int, temperature: float = 0.0, top_k: int = 0,
+                      top_p: float = 1.0, seed: int = 0, batch_size: int = 32) -> list[str]:
+    """`generate_text` for prompts already encoded (e.g. with virtual-token slots)."""
     fn = make_generate_fn(cfg, max_new_tokens, temperature, top_k, top_p, tokenizer.eos_id,
                           tokenizer.pad_id)
-    encoded = [encode_prompt(text, tokenizer) for text in prompts]
     key = jax.random.key(seed)
     outputs: list[str] = []
     for start in range(0, len(encoded), batch_size):

@@ -84,16 +84,22 @@ def param_logical_axes(path: str, ndim: int):
 
 
 def param_shardings(params, mesh: Mesh, rules):
-    """NamedSharding for every leaf. A weight node takes the sharding of the array it wraps
-    (each node type says how its parts relate to its base's axes)."""
+    """NamedSharding for every leaf. A weight node's parts take their axes from the array it
+    wraps (each node type says how, in `part_axes`), so LoRA factors, quantization scales and
+    their optimizer moments follow the base weight's sharding."""
+
+    def array_sharding(axes, leaf):
+        return NamedSharding(mesh, spec_for(axes, np.shape(leaf), mesh, rules))
+
+    def node_sharding(node, axes):
+        parts = node.part_axes(axes)
+        return node.map_parts(lambda name, v: node_sharding(v, parts[name])
+                              if ptree.is_weight_node(v) else array_sharding(parts[name], v))
 
     def one(path, leaf):
         if ptree.is_weight_node(leaf):
-            axes = param_logical_axes(path, len(leaf.shape))
-            return leaf.shardings(lambda part_axes, shape: NamedSharding(
-                mesh, spec_for(part_axes, shape, mesh, rules)), axes)
-        axes = param_logical_axes(path, np.ndim(leaf))
-        return NamedSharding(mesh, spec_for(axes, np.shape(leaf), mesh, rules))
+            return node_sharding(leaf, param_logical_axes(path, 2))
+        return array_sharding(param_logical_axes(path, np.ndim(leaf)), leaf)
 
     return ptree.map_with_path(one, params, nodes_as_leaves=True)
 

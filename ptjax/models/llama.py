@@ -30,6 +30,7 @@ import jax.numpy as jnp
 from ptjax import ops
 from ptjax.sharding import constrain
 from ptjax.models.config import ModelConfig
+from ptjax.peft import prompts
 
 Params = dict[str, Any]
 F32 = jnp.float32
@@ -184,8 +185,17 @@ def decoder_layer(p, cfg: ModelConfig, x, positions, mask, kv=None, write_slot=N
 
 
 def embed_tokens(params: Params, cfg: ModelConfig, tokens):
-    """Token ids [b, s] -> float32 input embeddings [b, s, hidden] (soft prompts enter here)."""
-    return ops.embed(tokens, params["embed"]["embedding"], F32)
+    """Token ids [b, s] -> float32 input embeddings [b, s, hidden].
+
+    Soft prompts enter here: with `params["prompt"]`, a negative id -k is virtual token k-1
+    (see `ptjax.peft.prompts`).
+    """
+    x = ops.embed(jnp.maximum(tokens, 0), params["embed"]["embedding"], F32)
+    if "prompt" not in params:
+        return x
+    virtual = prompts.virtual_tokens(params["prompt"]).astype(F32)
+    slot = jnp.clip(-tokens - 1, 0, virtual.shape[0] - 1)
+    return jnp.where((tokens < 0)[..., None], virtual[slot], x)
 
 
 def hidden_states(params: Params, cfg: ModelConfig, inputs_embeds, positions, segment_ids,
@@ -196,6 +206,8 @@ def hidden_states(params: Params, cfg: ModelConfig, inputs_embeds, positions, se
     entries sit before the sequence and every non-padding token sees them.
     """
     b, s, _ = inputs_embeds.shape
+    if prefix is None and "prefix" in params:
+        prefix = prompts.prefix_kv(params["prefix"], cfg, b)
     slots = jnp.broadcast_to(jnp.arange(s, dtype=jnp.int32), (b, s))
     k_slots, k_segments = slots, segment_ids
     if prefix is not None:
@@ -246,14 +258,23 @@ def forward(params: Params, cfg: ModelConfig, tokens, positions=None, segment_id
 # ----------------------------------------------------------------------------- KV cache
 
 
-def init_cache(cfg: ModelConfig, batch: int, max_len: int, dtype=None) -> dict:
-    """An empty cache: per-layer keys/values [b, kv, head_dim, max_len], slot segments, fill index."""
+def init_cache(cfg: ModelConfig, batch: int, max_len: int, dtype=None, params=None) -> dict:
+    """A cache for `max_len` tokens: per-layer keys/values [b, kv, head_dim, slots], slot
+    segments and the fill index. With `params["prefix"]` (prefix tuning), the first slots hold
+    the prefix, visible to every token, and `max_len` more follow."""
     dtype = dtype or cfg.compute_dtype
-    shape = (batch, cfg.kv_heads, cfg.head_dim, max_len)
-    cache = {f"layers_{i}": {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)}
-             for i in range(cfg.layers)}
-    cache["segments"] = jnp.zeros((batch, max_len), jnp.int32)
-    cache["index"] = jnp.zeros((), jnp.int32)
+    prefix = prompts.prefix_kv(params["prefix"], cfg, batch) if params and "prefix" in params else None
+    n_prefix = 0 if prefix is None else prefix["layers_0"]["k"].shape[-1]
+    shape = (batch, cfg.kv_heads, cfg.head_dim, n_prefix + max_len)
+    cache = {}
+    for i in range(cfg.layers):
+        k, v = jnp.zeros(shape, dtype), jnp.zeros(shape, dtype)
+        if prefix is not None:
+            k = k.at[..., :n_prefix].set(prefix[f"layers_{i}"]["k"].astype(dtype))
+            v = v.at[..., :n_prefix].set(prefix[f"layers_{i}"]["v"].astype(dtype))
+        cache[f"layers_{i}"] = {"k": k, "v": v}
+    cache["segments"] = jnp.zeros((batch, n_prefix + max_len), jnp.int32).at[:, :n_prefix].set(-1)
+    cache["index"] = jnp.asarray(n_prefix, jnp.int32)
     return cache
 
 

@@ -51,7 +51,24 @@ def base_config() -> ml_collections.ConfigDict:
     c.optim.clip_norm = 1.0
     c.optim.momentum = 0.0  # sgd only
 
-    c.trainable = ".*"  # regex over parameter paths; everything else is frozen
+    # Parameter-efficient fine-tuning (ptjax.peft); `method` picks one, the rest are its knobs.
+    c.peft = ml_collections.ConfigDict()
+    c.peft.method = "full"  # full, lora, dora, ia3, adapter, prompt, ptuning, prefix
+    c.peft.freeze = ""  # full: regex of parameters to keep frozen, e.g. "^(embed|layers_0)/"
+    c.peft.targets = ""  # lora/dora/ia3: regex of weights to wrap ("" = the method's default)
+    c.peft.rank = 16
+    c.peft.alpha = 32.0
+    c.peft.dropout = 0.0
+    c.peft.init = "kaiming"  # or gaussian
+    c.peft.rslora = False
+    c.peft.placement = "houlsby"  # adapter: houlsby or pfeiffer
+    c.peft.bottleneck = 64
+    c.peft.num_virtual = 16  # prompt / ptuning / prefix
+    c.peft.prompt_init = "vocab"  # prompt: random, vocab or text
+    c.peft.prompt_text = ""
+    c.peft.encoder = "mlp"  # ptuning: mlp or lstm
+    c.peft.encoder_hidden = 128
+    c.peft.reparam_hidden = 0  # prefix: >0 trains through an MLP of this width
 
     c.checkpoint = ml_collections.ConfigDict()
     c.checkpoint.every = 100

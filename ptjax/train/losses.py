@@ -22,6 +22,6 @@ def next_token_nll(params, cfg, batch, inputs_embeds=None, prefix=None):
     w, vocab_major = llama.output_head(params, cfg)
     weights = batch["loss_mask"].astype(jnp.float32)
     nll_sum, correct = ops.fused_cross_entropy(
-        h.reshape(-1, h.shape[-1]), ops.materialize(w), batch["targets"].reshape(-1),
+        h.reshape(-1, h.shape[-1]), ops.materialize(w), jnp.maximum(batch["targets"], 0).reshape(-1),
         weights.reshape(-1), cfg.compute_dtype, vocab_major)
     return nll_sum, {"tokens": jnp.sum(weights), "correct": correct}

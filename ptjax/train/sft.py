@@ -7,6 +7,7 @@ import jax.numpy as jnp
 import optax
 
 from ptjax import tree as ptree
+from ptjax.peft import lora
 from ptjax.train.losses import next_token_nll
 from ptjax.train.state import TrainState
 
@@ -22,10 +23,10 @@ def train_step(state: TrainState, batch, rng, *, model_cfg, tx: optax.GradientTr
     Gradients are taken over `state.trainable` only. The loss is the mean NLL over all loss
     tokens of the whole batch, so accumulation is exactly the same update as one big batch.
     """
-    del rng  # the Llama decoder has no dropout; adapters that need noise read it from here
-
     def nll_sum(trainable, micro):
         params = ptree.merge(trainable, state.frozen)
+        if rng is not None:  # LoRA dropout draws its masks from this step's key
+            params = lora.add_dropout_keys(params, rng)
         return next_token_nll(params, model_cfg, micro)
 
     def grads_and_sums(mb):

@@ -17,7 +17,8 @@ import time
 import jax
 from tqdm import tqdm
 
-from ptjax import checkpoint, sharding
+from ptjax import checkpoint, peft, sharding
+from ptjax import data as D
 from ptjax import tree as ptree
 from ptjax.data import PackedBatches, eval_batches
 from ptjax.models import llama
@@ -51,6 +52,8 @@ class Result:
     params: dict
     model_cfg: ModelConfig
     metrics: dict
+    trainable_params: int = 0
+    optimizer_state_bytes: int = 0
 
 
 def evaluate(eval_fn, params, batches, batch_sharding) -> dict:
@@ -85,7 +88,10 @@ def train(config, workdir: str, train_examples, eval_examples=(), init_params=No
     # Parameters and the fresh state are created directly with their shardings.
     if init_params is None:
         init_params = jax.jit(llama.init_params, static_argnums=0)(cfg, jax.random.key(config.seed))
-    trainable_mask = ptree.select(init_params, config.trainable)
+    init_params, trainable = peft.apply(init_params, cfg, config.peft,
+                                        jax.random.fold_in(jax.random.key(config.seed), 1),
+                                        D.load_tokenizer(config.data.tokenizer))
+    trainable_mask = ptree.select(init_params, trainable)
     tx = optim.make_optimizer(config.optim, ptree.split(init_params, trainable_mask)[0], tc.steps)
     create = functools.partial(state_lib.create, trainable_mask=trainable_mask, tx=tx,
                                seed=config.seed)
@@ -103,8 +109,10 @@ def train(config, workdir: str, train_examples, eval_examples=(), init_params=No
             donate_argnums=0)
         eval_fn = jax.jit(functools.partial(sft.eval_step, model_cfg=cfg))
 
-    data = PackedBatches(list(train_examples), tc.seq_len, tc.batch_size, seed=config.seed)
-    eval_data = eval_batches(list(eval_examples), tc.seq_len, tc.batch_size)[:config.eval.max_batches]
+    train_examples = [peft.add_virtual_slots(e, config.peft) for e in train_examples]
+    eval_examples = [peft.add_virtual_slots(e, config.peft) for e in eval_examples]
+    data = PackedBatches(train_examples, tc.seq_len, tc.batch_size, seed=config.seed)
+    eval_data = eval_batches(eval_examples, tc.seq_len, tc.batch_size)[:config.eval.max_batches]
 
     mngr = checkpoint.manager(workdir, keep=config.checkpoint.keep,
                               async_save=config.checkpoint.async_save)
@@ -162,7 +170,9 @@ def train(config, workdir: str, train_examples, eval_examples=(), init_params=No
     if jax.process_index() == 0:
         metrics_lib.plot_losses(workdir)
     params = state.params
-    return Result(params=params, model_cfg=cfg, metrics=last_metrics)
+    return Result(params=params, model_cfg=cfg, metrics=last_metrics,
+                  trainable_params=ptree.count(state.trainable),
+                  optimizer_state_bytes=ptree.nbytes(state.opt_state))
 
 
 def read_summary(path: str) -> dict:
