@@ -25,6 +25,11 @@ class WeightNode:
 
     is_weight_node = True
 
+    @property
+    def shape(self):
+        """Shape of the weight this node stands for (that of what it wraps)."""
+        return self.base.shape
+
     def linear(self, x, dtype):
         raise NotImplementedError(f"{type(self).__name__} cannot be used as a linear weight")
 

@@ -44,8 +44,8 @@ class PromptEncoder(nn.Module):
         elif self.kind != "mlp":
             raise ValueError(f"peft.encoder: unknown P-tuning encoder {self.kind!r}; "
                              "choose 'mlp' or 'lstm'")
-        x = nn.relu(nn.Dense(self.hidden)(x))
-        return nn.Dense(self.out_dim)(x)
+        x = nn.relu(nn.Dense(self.hidden, name="hidden")(x))
+        return nn.Dense(self.out_dim, name="out")(x)
 
 
 class PrefixMLP(nn.Module):
@@ -56,7 +56,8 @@ class PrefixMLP(nn.Module):
 
     @nn.compact
     def __call__(self, x):
-        return nn.Dense(self.out_dim)(jnp.tanh(nn.Dense(self.hidden)(x)))
+        h = jnp.tanh(nn.Dense(self.hidden, name="hidden")(x))
+        return nn.Dense(self.out_dim, name="out")(h)
 
 
 # ----------------------------------------------------------------------------- init
@@ -113,7 +114,7 @@ def virtual_tokens(prompt) -> jax.Array:
     if "embeddings" in prompt:
         return prompt["embeddings"]
     kind = "lstm" if "Bidirectional_0" in prompt["encoder"] else "mlp"
-    hidden = prompt["encoder"]["Dense_0"]["kernel"].shape[1]
+    hidden = prompt["encoder"]["hidden"]["kernel"].shape[1]
     out_dim = prompt["inputs"].shape[1]
     return PromptEncoder(kind, hidden, out_dim).apply({"params": prompt["encoder"]},
                                                        prompt["inputs"])
@@ -123,8 +124,8 @@ def prefix_values(prefix) -> jax.Array:
     """[n, layers*2*kv_dim] prefix keys/values from `params["prefix"]` (direct or via the MLP)."""
     if "embeddings" in prefix:
         return prefix["embeddings"]
-    hidden = prefix["mlp"]["Dense_0"]["kernel"].shape[1]
-    out_dim = prefix["mlp"]["Dense_1"]["kernel"].shape[1]
+    hidden = prefix["mlp"]["hidden"]["kernel"].shape[1]
+    out_dim = prefix["mlp"]["out"]["kernel"].shape[1]
     return PrefixMLP(hidden, out_dim).apply({"params": prefix["mlp"]}, prefix["inputs"])
 
 

@@ -1,0 +1,236 @@
+"""PEFT methods as pytree transforms: identity at init, merge == unmerged, only adapters train,
+cached generation with soft prompts equals the uncached forward."""
+
+import dataclasses
+import functools
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from ptjax import nodes
+from ptjax import peft, sharding
+from ptjax import tree as ptree
+from ptjax.models import llama
+from ptjax.models.config import preset
+from ptjax.peft import adapters, ia3, lora, prompts
+from ptjax.train import sft
+from ptjax.train import state as state_lib
+from ptjax.train.config import base_config
+from ptjax import data as D
+
+CFG = preset("tiny")
+BASE = llama.init_params(CFG, jax.random.key(0))
+TOKENS = jax.random.randint(jax.random.key(1), (2, 12), 3, CFG.vocab_size)
+forward = jax.jit(llama.forward, static_argnums=1)
+
+
+def peft_cfg(method, **kw):
+    c = base_config().peft
+    c.method = method
+    c.rank, c.alpha, c.num_virtual, c.bottleneck, c.encoder_hidden = 4, 8.0, 4, 8, 16
+    for k, v in kw.items():
+        c[k] = v
+    return c
+
+
+def method_batches(cfg, n, batch_size=8, seq_len=64, seed=0):
+    tok = D.ByteTokenizer()
+    examples = [peft.add_virtual_slots(D.encode_sft(r, tok, seq_len), cfg)
+                for r in D.instruction_records(300, seed)]
+    it = D.PackedBatches(examples, seq_len, batch_size, seed=seed)
+    return [next(it) for _ in range(n)]
+
+
+def perturb(params, pattern, key=7, scale=0.05):
+    """Random values on the selected leaves, so adapters do something."""
+    mask = ptree.select(params, pattern)
+    leaves, treedef = jax.tree.flatten(params)
+    keys = jax.random.split(jax.random.key(key), len(leaves))
+    flat_mask = jax.tree.leaves(mask)
+    out = [x + scale * jax.random.normal(k, x.shape) if m else x
+           for x, k, m in zip(leaves, keys, flat_mask)]
+    return jax.tree.unflatten(treedef, out)
+
+
+@pytest.mark.parametrize("method", ["lora", "dora", "ia3", "adapter"])
+def test_fresh_adapters_leave_logits_unchanged(method):
+    params, _ = peft.apply(BASE, CFG, peft_cfg(method), jax.random.key(2))
+    assert nodes.nodes_of(params)
+    np.testing.assert_allclose(forward(params, CFG, TOKENS), forward(BASE, CFG, TOKENS),
+                               rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("method,pattern", [("lora", lora.TRAINABLE), ("dora", lora.TRAINABLE),
+                                            ("ia3", ia3.TRAINABLE)])
+def test_merged_forward_equals_unmerged(method, pattern):
+    params, _ = peft.apply(BASE, CFG, peft_cfg(method), jax.random.key(2))
+    params = perturb(params, pattern)
+    merged = peft.finalize(params, peft_cfg(method))
+    chex.assert_trees_all_equal_shapes_and_dtypes(merged, BASE)  # costs exactly the base
+    unmerged_logits = forward(params, CFG, TOKENS)
+    assert np.abs(np.asarray(unmerged_logits - forward(BASE, CFG, TOKENS))).max() > 1e-3
+    np.testing.assert_allclose(forward(merged, CFG, TOKENS), unmerged_logits, rtol=1e-5, atol=1e-5)
+
+
+def test_lora_unmerge_recovers_base_and_factors():
+    params = perturb(lora.inject(BASE, jax.random.key(2), rank=4), lora.TRAINABLE)
+    back = lora.unmerge(lora.merge(params), params)
+    chex.assert_trees_all_close(back, params, atol=1e-6)
+
+
+def test_lora_delta_matches_numpy_reference():
+    node = perturb(lora.inject(BASE, jax.random.key(2), rank=4, alpha=8.0, rslora=True),
+                   lora.TRAINABLE)["layers_0"]["attn"]["q"]["kernel"]
+    x = np.asarray(jax.random.normal(jax.random.key(3), (5, CFG.hidden)), np.float64)
+    w, a, b = (np.asarray(v, np.float64) for v in (node.base, node.a, node.b))
+    want = x @ w + (8.0 / np.sqrt(4)) * (x @ a) @ b
+    np.testing.assert_allclose(node.linear(jnp.asarray(x, jnp.float32), jnp.float32), want,
+                               rtol=1e-5, atol=1e-5)
+
+
+def test_dora_column_norm_gets_no_gradient():
+    node = perturb(lora.inject(BASE, jax.random.key(2), rank=4, dora=True),
+                   lora.TRAINABLE)["layers_0"]["mlp"]["up"]["kernel"]
+    x = jax.random.normal(jax.random.key(3), (5, CFG.hidden))
+    g = jax.grad(lambda m: jnp.sum(node.replace(magnitude=m).linear(x, jnp.float32)))(node.magnitude)
+    # d/dm of sum(y * m / n) with n constant is sum(y) / n, per column.
+    y = np.asarray(x @ node.base + node.scale * (x @ node.a) @ node.b)
+    np.testing.assert_allclose(g, y.sum(0) / np.asarray(node.column_norm()), rtol=1e-4)
+
+
+def test_lora_dropout_needs_a_key_and_changes_output():
+    params = perturb(lora.inject(BASE, jax.random.key(2), rank=4, dropout=0.5), lora.TRAINABLE)
+    plain = forward(params, CFG, TOKENS)
+    keyed = forward(lora.add_dropout_keys(params, jax.random.key(5)), CFG, TOKENS)
+    assert np.abs(np.asarray(plain - keyed)).max() > 1e-4
+
+
+@pytest.fixture(scope="module")
+def warm_base():
+    """The tiny model after a little full fine-tuning, so adapters start from a useful base."""
+    tx = optax.adam(1e-2)
+    state = state_lib.create(BASE, ptree.select(BASE, ".*"), tx, seed=0)
+    step = jax.jit(functools.partial(sft.train_step, model_cfg=CFG, tx=tx))
+    for b in method_batches(peft_cfg("full"), 30):
+        state, _ = step(state, b, None)
+    return state.params
+
+
+@pytest.mark.parametrize("method", ["full", "lora", "dora", "ia3", "adapter", "prompt", "ptuning",
+                                    "prefix"])
+def test_method_trains_only_its_parameters_and_lowers_loss(method, warm_base):
+    cfg = peft_cfg(method, freeze="^(embed|layers_0)/" if method == "full" else "",
+                   num_virtual=8, reparam_hidden=32 if method == "prefix" else 0)
+    params, trainable = peft.apply(warm_base, CFG, cfg, jax.random.key(2))
+    tx = optax.adam({"prompt": 3e-1, "ptuning": 3e-2, "prefix": 3e-2}.get(method, 1e-2))
+    state = state_lib.create(params, ptree.select(params, trainable), tx, seed=0)
+    n_train = ptree.count(state.trainable)
+    assert 0 < n_train < ptree.count(params)
+    assert ptree.count(state.opt_state) == 2 * n_train + 1  # Adam moments only for trainables
+    step = jax.jit(functools.partial(sft.train_step, model_cfg=CFG, tx=tx))
+    frozen_before = state.frozen
+    batches = method_batches(cfg, 8)
+    eval_fn = jax.jit(functools.partial(sft.eval_step, model_cfg=CFG))
+
+    def task_loss(params):
+        return sum(float(eval_fn(params, b)["nll_sum"]) for b in batches)
+
+    start = task_loss(state.params)
+    for _ in range(3):
+        for b in batches:
+            state, _ = step(state, b, jax.random.key(0))
+    end = task_loss(state.params)
+    assert end < 0.998 * start, (start, end)  # deterministic: same batches, same params
+    chex.assert_trees_all_equal(state.frozen, frozen_before)
+
+
+def _cached_logits(params, tokens, chunks):
+    b, s = tokens.shape
+    positions = jnp.broadcast_to(jnp.arange(s), (b, s))
+    cache = llama.init_cache(CFG, b, s, params=params)
+    out, start = [], 0
+    decode = jax.jit(llama.decode, static_argnums=1)
+    for n in chunks:
+        sl = slice(start, start + n)
+        h, cache = decode(params, CFG, llama.embed_tokens(params, CFG, tokens[:, sl]),
+                          positions[:, sl], jnp.ones((b, n), jnp.int32), cache)
+        out.append(llama.logits_from_hidden(params, CFG, h))
+        start += n
+    return jnp.concatenate(out, axis=1)
+
+
+@pytest.mark.parametrize("method", ["prompt", "ptuning", "prefix"])
+def test_cached_generation_with_soft_prompt_equals_uncached_forward(method):
+    cfg = peft_cfg(method, encoder="lstm" if method == "ptuning" else "mlp",
+                   reparam_hidden=16 if method == "prefix" else 0)
+    params, _ = peft.apply(BASE, CFG, cfg, jax.random.key(2))
+    params = perturb(params, prompts.TRAINABLE, scale=0.5)
+    ids, mask = peft.add_virtual_slots((np.asarray([1, 40, 41, 42, 43, 44, 45, 46]),
+                                        np.asarray([0, 0, 0, 0, 0, 1, 1, 1], bool)), cfg)
+    tokens = jnp.asarray(np.stack([ids, ids[::-1].copy()]))
+    full = forward(params, CFG, tokens)
+    np.testing.assert_allclose(_cached_logits(params, tokens, [5, 1, tokens.shape[1] - 6]),
+                               full, rtol=1e-5, atol=1e-5)
+    # The soft prompt matters: without it (virtual ids read as token 0 / no prefix) logits change.
+    stripped = {k: v for k, v in params.items() if k not in ("prompt", "prefix")}
+    assert np.abs(np.asarray(forward(stripped, CFG, jnp.maximum(tokens, 0)) - full)).max() > 1e-3
+    # Finalizing (dropping encoders / reparameterization) keeps the function.
+    np.testing.assert_allclose(forward(prompts.finalize(params), CFG, tokens), full,
+                               rtol=1e-5, atol=1e-6)
+
+
+def test_ptuning_places_virtual_tokens_inside_the_template():
+    cfg = peft_cfg("ptuning")
+    ids, mask = peft.add_virtual_slots((np.asarray([1, 10, 11, 12, 20, 21, 2]),
+                                        np.asarray([0, 0, 0, 0, 1, 1, 1], bool)), cfg)
+    np.testing.assert_array_equal(ids, [1, -1, -2, 10, 11, 12, -3, -4, 20, 21, 2])
+    np.testing.assert_array_equal(mask, [0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1])
+
+
+def test_packed_prompt_tuning_rows_equal_examples_alone():
+    cfg = peft_cfg("prompt")
+    params, _ = peft.apply(BASE, CFG, cfg, jax.random.key(2))
+    params = perturb(params, prompts.TRAINABLE, scale=0.5)
+    a = peft.add_virtual_slots((np.asarray([1, 30, 31, 32]), np.ones(4, bool)), cfg)
+    b = peft.add_virtual_slots((np.asarray([1, 50, 51]), np.ones(3, bool)), cfg)
+    rows = D.pack([a, b], 32)
+    packed = forward(params, CFG, jnp.asarray(rows["inputs"]), jnp.asarray(rows["positions"]),
+                     jnp.asarray(rows["segment_ids"]))
+    for seg, (ids, _) in enumerate([a, b], start=1):
+        where = np.nonzero(rows["segment_ids"][0] == seg)[0]
+        alone = forward(params, CFG, jnp.asarray(ids)[None])[0]
+        np.testing.assert_allclose(packed[0, where], alone, rtol=1e-5, atol=1e-5)
+
+
+def test_lora_parts_follow_the_base_sharding():
+    mesh = sharding.make_mesh({"data": 2, "fsdp": 2, "tensor": 2})
+    params = lora.inject(BASE, jax.random.key(2), rank=4)
+    sh = sharding.param_shardings(params, mesh, sharding.DEFAULT_RULES)
+    q = sh["layers_0"]["attn"]["q"]["kernel"]
+    P = jax.sharding.PartitionSpec
+    assert q.base.spec == P("fsdp", "tensor")
+    assert q.a.spec == P("fsdp", None) and q.b.spec == P(None, "tensor")
+
+
+def test_adapters_refuse_to_merge_and_placements_differ():
+    h = adapters.inject(BASE, jax.random.key(0), placement="houlsby", bottleneck=8)
+    p = adapters.inject(BASE, jax.random.key(0), placement="pfeiffer", bottleneck=8)
+    assert len(nodes.nodes_of(h)) == 2 * CFG.layers and len(nodes.nodes_of(p)) == CFG.layers
+    with pytest.raises(ValueError, match="cannot be merged"):
+        nodes.nodes_of(h)[0].materialize()
+
+
+def test_lora_on_any_node_composes():
+    """LoRA wraps whatever stands at a path, e.g. an IA3 node (QLoRA will wrap NF4)."""
+    params = perturb(ia3.inject(BASE), ia3.TRAINABLE)
+    both = perturb(lora.inject(params, jax.random.key(2), rank=4,
+                               targets=r"attn/k/kernel$"), r"kernel/(a|b)$", key=9)
+    node = both["layers_0"]["attn"]["k"]["kernel"]
+    assert isinstance(node, lora.LoRA) and isinstance(node.base, ia3.IA3)
+    merged = lora.merge(ia3.merge(both))
+    np.testing.assert_allclose(forward(merged, CFG, TOKENS), forward(both, CFG, TOKENS),
+                               rtol=1e-5, atol=1e-5)
