@@ -28,6 +28,9 @@ def get_config(arg=None):
     c.demo.noise = 0.2
     c.demo.sft_examples = 20000
     c.demo.eval_examples = 400
+    c.demo.base_dir = ""  # reuse a finished base stage from another workdir ("" = WORKDIR/base)
+    # Fine-tuning stages after the base: (name in summary.json, peft.method, learning rate).
+    c.demo.stages = [("sft", "full", 5e-4), ("sft_lora", "lora", 2e-3)]
     # Per-stage overrides of train / optim / eval.
     c.demo.pretrain = ml_collections.ConfigDict({
         "train": {"steps": 400},
@@ -36,7 +39,7 @@ def get_config(arg=None):
     })
     c.demo.sft = ml_collections.ConfigDict({
         "train": {"steps": 150},
-        "optim": {"lr": 5e-4, "warmup_steps": 20},
+        "optim": {"warmup_steps": 20},
         "eval": {"every": 75},
     })
     return c

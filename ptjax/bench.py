@@ -14,6 +14,7 @@ runtime.reexec_with_fast_allocator()  # must happen before JAX starts
 
 import functools  # noqa: E402
 import json  # noqa: E402
+import re  # noqa: E402
 import resource  # noqa: E402
 import subprocess  # noqa: E402
 import sys  # noqa: E402
@@ -25,16 +26,20 @@ import numpy as np  # noqa: E402
 import optax  # noqa: E402
 from absl import app, flags  # noqa: E402
 
+from ptjax import peft  # noqa: E402
 from ptjax import tree as ptree  # noqa: E402
+from ptjax.data import ByteTokenizer  # noqa: E402
 from ptjax.models import llama  # noqa: E402
 from ptjax.models.config import ModelConfig, preset  # noqa: E402
 from ptjax.train import sft  # noqa: E402
 from ptjax.train import state as state_lib  # noqa: E402
+from ptjax.train.config import base_config  # noqa: E402
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("preset", "llama-56m", "Model preset.")
-flags.DEFINE_list("method", ["full"], "Methods to time: full, frozen (no trainable weights but "
-                  "the final norm: the bound for adapters).")
+flags.DEFINE_list("method", ["full"], "Methods to time: full, frozen (the bound for adapters: "
+                  "only the input embeddings train), lora, dora, ia3, adapter, prompt, ptuning, "
+                  "prefix.")
 flags.DEFINE_integer("batch", 8, "Sequences per step.")
 flags.DEFINE_integer("seq", 512, "Tokens per sequence.")
 flags.DEFINE_list("dtype", ["bfloat16"], "Compute dtypes to time (bfloat16, float32).")
@@ -74,13 +79,17 @@ def flops_per_token(cfg: ModelConfig, seq: int, trainable_matmul_params: int) ->
     return 4 * n + 2 * trainable_matmul_params + 3 * attention
 
 
-def trainable_pattern(method: str) -> str:
-    """The trainable-parameter regex of a benchmark method."""
-    if method == "full":
-        return ".*"
+def method_params(cfg: ModelConfig, method: str, params):
+    """(params, trainable regex) of a benchmark method: `full`, `frozen` (only the input
+    embeddings train, so the backward pass runs through every layer without weight gradients:
+    the bound for adapters) or a PEFT method at its benchmark settings
+    (LoRA/DoRA r=16, alpha=32 on all attention and MLP projections)."""
     if method == "frozen":
-        return r"^final_norm/"
-    raise ValueError(f"--method: unknown method {method!r}")
+        return params, r"^embed/"
+    c = base_config().peft
+    c.method = method
+    c.rank, c.alpha, c.num_virtual = 16, 32.0, 16
+    return peft.apply(params, cfg, c, jax.random.key(3), ByteTokenizer())
 
 
 def random_batch(batch: int, seq: int, vocab: int, seed: int = 0) -> dict:
@@ -99,9 +108,10 @@ def time_train_step(cfg: ModelConfig, method: str, batch: int, seq: int, steps: 
                     warmup: int) -> dict:
     """Compile and time one train step; returns timing, memory and trainable-size figures."""
     params = jax.jit(llama.init_params, static_argnums=0)(cfg, jax.random.key(0))
-    mask = ptree.select(params, trainable_pattern(method))
+    params, trainable = method_params(cfg, method, params)
+    mask = ptree.select(params, trainable)
     tx = optax.adamw(1e-4)
-    state = state_lib.create(params, mask, tx, seed=0)
+    state = state_lib.create(params, mask, tx, seed=0, frozen_matmul_dtype=cfg.compute_dtype)
     del params
     data = random_batch(batch, seq, cfg.vocab_size)
     step = jax.jit(functools.partial(sft.train_step, model_cfg=cfg, tx=tx), donate_argnums=0)
@@ -117,7 +127,7 @@ def time_train_step(cfg: ModelConfig, method: str, batch: int, seq: int, steps: 
         if i >= warmup:
             times.append(time.perf_counter() - t)
     trainable_matmul = sum(int(np.prod(v.shape)) for p, v in ptree.flatten_with_paths(state.trainable)
-                           if p.endswith("kernel"))
+                           if re.search(r"kernel(/(a|b|down|up))?$", p))
     return {
         "step_s": float(np.median(times)),
         "compile_s": compile_s,

@@ -13,26 +13,30 @@ import os
 import time
 
 import ml_collections
+import numpy as np
 
 from ptjax import data as D
-from ptjax import sampling
+from ptjax import peft, sampling
 from ptjax.train import trainer
 
 
-def stage_config(config, stage: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
-    """The demo config with one stage's `train`/`optim`/`eval` settings laid over it."""
+def stage_config(config, stage: ml_collections.ConfigDict, **peft_overrides) -> ml_collections.ConfigDict:
+    """The demo config with one stage's `train`/`optim`/`eval` settings (and PEFT method) laid over it."""
     c = ml_collections.ConfigDict(config.to_dict())
     for section in ("train", "optim", "eval"):
         if section in stage:
             c[section].update(stage[section].to_dict())
+    c.peft.update(peft_overrides)
     return c
 
 
-def accuracy(params, model_cfg, tokenizer, eval_items) -> dict:
+def accuracy(params, model_cfg, tokenizer, eval_items, peft_cfg) -> dict:
     """Exact-match accuracy of greedy completions, overall and per task."""
-    prompts = [prompt for _, prompt, _ in eval_items]
+    prompts = [D.encode_prompt(prompt, tokenizer) for _, prompt, _ in eval_items]
+    encoded = [peft.add_virtual_slots((ids, np.zeros(len(ids), bool)), peft_cfg)[0]
+               for ids in prompts]
+    preds = sampling.generate_from_ids(params, model_cfg, tokenizer, encoded, max_new_tokens=16)
     answers = [answer for _, _, answer in eval_items]
-    preds = sampling.generate_text(params, model_cfg, tokenizer, prompts, max_new_tokens=16)
     result = {"accuracy": D.score(answers, preds)}
     for task in sorted({t for t, _, _ in eval_items}):
         idx = [i for i, (t, _, _) in enumerate(eval_items) if t == task]
@@ -40,49 +44,86 @@ def accuracy(params, model_cfg, tokenizer, eval_items) -> dict:
     return result
 
 
+def encode(records, tokenizer, seq_len):
+    return [D.encode_sft(r, tokenizer, seq_len) for r in records]
+
+
+def pretrain_base(config, workdir: str, tokenizer) -> trainer.Result:
+    """Stage 1: the base model, pretrained from scratch on noisy raw task text (loss on all of it)."""
+    d, seq_len = config.demo, config.train.seq_len
+    texts = D.pretraining_texts(d.pretrain_texts, config.seed, noise=d.noise)
+    held_out = D.pretraining_texts(200, config.seed + 1, noise=d.noise)
+    return trainer.train(stage_config(config, d.pretrain, method="full"),
+                         config.demo.base_dir or os.path.join(workdir, "base"),
+                         encode([D.SFTRecord("", t) for t in texts], tokenizer, seq_len),
+                         encode([D.SFTRecord("", t) for t in held_out], tokenizer, seq_len))
+
+
+def finetune(config, workdir: str, name: str, base: trainer.Result, tokenizer, eval_items,
+             lr: float, **peft_overrides) -> dict:
+    """One fine-tuning stage from the base on clean instruction pairs; returns its summary row."""
+    d, seq_len = config.demo, config.train.seq_len
+    c = stage_config(config, d.sft, **peft_overrides)
+    c.optim.lr = lr
+    started = time.time()
+    result = trainer.train(c, os.path.join(workdir, name),
+                           encode(D.instruction_records(d.sft_examples, config.seed + 2), tokenizer,
+                                  seq_len),
+                           encode(D.instruction_records(300, config.seed + 3), tokenizer, seq_len),
+                           init_params=base.params)
+    inference_params = peft.finalize(result.params, c.peft)
+    return {"eval_loss": float(result.metrics["eval/loss"]),
+            "trainable_params": result.trainable_params,
+            "optimizer_state_bytes": result.optimizer_state_bytes,
+            "train_tokens_per_s": float(result.metrics.get("train/tokens_per_s", 0.0)),
+            "stage_seconds": round(time.time() - started, 1),
+            **accuracy(inference_params, result.model_cfg, tokenizer, eval_items, c.peft)}
+
+
 def run(config, workdir: str) -> dict:
     """Run every demo stage and write WORKDIR/summary.json; returns the summary."""
     started = time.time()
     tokenizer = D.load_tokenizer(config.data.tokenizer)
-    seq_len = config.train.seq_len
-    d = config.demo
     summary_path = os.path.join(workdir, "summary.json")
     summary = trainer.read_summary(summary_path)
     stages = summary.setdefault("stages", {})
-    eval_items = D.eval_set(d.eval_examples, config.seed + 1000)
+    eval_items = D.eval_set(config.demo.eval_examples, config.seed + 1000)
 
-    def encode(records):
-        return [D.encode_sft(r, tokenizer, seq_len) for r in records]
-
-    # Stage 1: the base model, pretrained from scratch on noisy raw task text.
-    pretrain = [D.SFTRecord(prompt="", completion=t)
-                for t in D.pretraining_texts(d.pretrain_texts, config.seed, noise=d.noise)]
-    held_out = [D.SFTRecord(prompt="", completion=t)
-                for t in D.pretraining_texts(200, config.seed + 1, noise=d.noise)]
-    base = trainer.train(stage_config(config, d.pretrain), os.path.join(workdir, "base"),
-                         encode(pretrain), encode(held_out))
+    base = pretrain_base(config, workdir, tokenizer)
     stages["base"] = {"eval_loss": float(base.metrics["eval/loss"]),
-                      **accuracy(base.params, base.model_cfg, tokenizer, eval_items)}
+                      **accuracy(base.params, base.model_cfg, tokenizer, eval_items, config.peft)}
     trainer.write_summary(summary_path, summary)
-
-    # Stage 2: full supervised fine-tuning on clean instruction pairs.
-    sft_train = encode(D.instruction_records(d.sft_examples, config.seed + 2))
-    sft_eval = encode(D.instruction_records(300, config.seed + 3))
-    sft = trainer.train(stage_config(config, d.sft), os.path.join(workdir, "sft"),
-                        sft_train, sft_eval, init_params=base.params)
-    stages["sft"] = {"eval_loss": float(sft.metrics["eval/loss"]),
-                     **accuracy(sft.params, sft.model_cfg, tokenizer, eval_items)}
+    for name, method, lr in config.demo.stages:
+        stages[name] = finetune(config, workdir, name, base, tokenizer, eval_items, lr,
+                                method=method)
+        trainer.write_summary(summary_path, summary)
     summary["seconds"] = round(time.time() - started, 1)
     trainer.write_summary(summary_path, summary)
-    print_table(summary)
+    print_table(summary, workdir)
     return summary
 
 
-def print_table(summary: dict):
-    """The summary as a small table on stdout."""
-    rows = summary["stages"]
-    keys = sorted({k for v in rows.values() for k in v})
-    print(f"{'stage':<10}" + "".join(f"{k:>18}" for k in keys))
-    for name, values in rows.items():
-        print(f"{name:<10}" + "".join(
-            f"{values[k]:>18.4f}" if k in values else f"{'':>18}" for k in keys))
+COLUMNS = ("accuracy", "eval_loss", "trainable_params", "optimizer_state_bytes",
+           "train_tokens_per_s")
+
+
+def markdown_table(summary: dict) -> str:
+    """The stages as a Markdown table (the README's and WORKDIR/table.md's format)."""
+    lines = ["| stage | " + " | ".join(COLUMNS) + " |", "|---" * (len(COLUMNS) + 1) + "|"]
+    for name, values in summary["stages"].items():
+        cells = []
+        for k in COLUMNS:
+            v = values.get(k)
+            cells.append("" if v is None else f"{v:,.0f}" if k != "accuracy" and k != "eval_loss"
+                         else f"{v:.3f}")
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def print_table(summary: dict, workdir: str | None = None):
+    """Print the stage table, and keep it as WORKDIR/table.md."""
+    table = markdown_table(summary)
+    print(table)
+    if workdir:
+        with open(os.path.join(workdir, "table.md"), "w") as f:
+            f.write(table + "\n")

@@ -94,7 +94,7 @@ def train(config, workdir: str, train_examples, eval_examples=(), init_params=No
     trainable_mask = ptree.select(init_params, trainable)
     tx = optim.make_optimizer(config.optim, ptree.split(init_params, trainable_mask)[0], tc.steps)
     create = functools.partial(state_lib.create, trainable_mask=trainable_mask, tx=tx,
-                               seed=config.seed)
+                               seed=config.seed, frozen_matmul_dtype=cfg.compute_dtype)
     abstract = jax.eval_shape(create, init_params)
     state_shardings = sharding.param_shardings(abstract, mesh, rules)
     state = jax.jit(create, out_shardings=state_shardings)(init_params)

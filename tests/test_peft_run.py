@@ -1,0 +1,52 @@
+"""End to end: `configs/sft.py:peft=lora` keeps adapter-only checkpoints, exports the adapter in
+PEFT's format and the merged model in Hugging Face's, and the two give the same model."""
+
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import numpy as np
+
+from ptjax.interop import hf, peft_format
+from ptjax.models import llama
+from ptjax.models.config import preset
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def dir_bytes(path):
+    return sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(path) for f in fs)
+
+
+def test_lora_run_checkpoints_adapters_only_and_exports(tmp_path):
+    workdir = str(tmp_path / "run")
+    subprocess.run([sys.executable, os.path.join(REPO, "launch.py"),
+                    "--config=" + os.path.join(REPO, "configs/sft.py") + ":peft=lora",
+                    f"--workdir={workdir}", "--config.model.preset=tiny",
+                    "--config.train.steps=6", "--config.train.batch_size=4",
+                    "--config.train.seq_len=64", "--config.checkpoint.every=3",
+                    "--config.eval.every=0", "--config.peft.rank=4", "--config.optim.lr=0.05"],
+                   check=True, env=dict(os.environ, PTJAX_NO_REEXEC="1", XLA_FLAGS=""),
+                   capture_output=True)
+    cfg = preset("tiny")
+    base = jax.jit(llama.init_params, static_argnums=0)(cfg, jax.random.key(0))
+    base_bytes = sum(x.size * 4 for x in jax.tree.leaves(base))
+    ckpt = dir_bytes(os.path.join(workdir, "checkpoints", "6"))
+    assert ckpt < base_bytes / 2, (ckpt, base_bytes)  # no frozen base inside
+
+    config = json.load(open(os.path.join(workdir, "adapter", "adapter_config.json")))
+    assert config["peft_type"] == "LORA" and config["r"] == 4
+    adapted = peft_format.load_adapter(jax.device_get(base), os.path.join(workdir, "adapter"))
+    merged = hf.load_params(os.path.join(workdir, "merged"), cfg)
+    tokens = np.random.default_rng(0).integers(3, cfg.vocab_size, (2, 16))
+    forward = jax.jit(llama.forward, static_argnums=1)
+    unmerged_logits = forward(adapted, cfg, tokens)
+    assert np.abs(np.asarray(unmerged_logits - forward(base, cfg, tokens))).max() > 1e-3
+    np.testing.assert_allclose(forward(merged, cfg, tokens), unmerged_logits, rtol=1e-5, atol=1e-5)
+    summary = json.load(open(os.path.join(workdir, "summary.json")))
+    h, q, kv, m = cfg.hidden, cfg.heads * cfg.head_dim, cfg.kv_heads * cfg.head_dim, cfg.mlp
+    projections = [(h, q), (h, kv), (h, kv), (q, h), (h, m), (h, m), (m, h)]
+    assert summary["stages"]["sft"]["trainable_params"] == cfg.layers * 4 * sum(
+        i + o for i, o in projections)
