@@ -33,13 +33,13 @@ def get_config(arg=None):
     c.demo.stages = [("sft", "full", 5e-4), ("sft_lora", "lora", 2e-3)]
     # Per-stage overrides of train / optim / eval.
     c.demo.pretrain = ml_collections.ConfigDict({
-        "train": {"steps": 400},
+        "train": {"steps": 300},
         "optim": {"lr": 2e-3, "warmup_steps": 100},
-        "eval": {"every": 200},
+        "eval": {"every": 150},
     })
     c.demo.sft = ml_collections.ConfigDict({
-        "train": {"steps": 150},
+        "train": {"steps": 100},
         "optim": {"warmup_steps": 20},
-        "eval": {"every": 75},
+        "eval": {"every": 100},
     })
     return c
