@@ -185,6 +185,7 @@ def read_summary(path: str) -> dict:
 
 def write_summary(path: str, summary: dict):
     """Write summary.json atomically (a kill never leaves half a file)."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     tmp = path + ".tmp"
     with open(tmp, "w") as f:
         json.dump(summary, f, indent=2, sort_keys=True)
