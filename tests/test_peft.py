@@ -1,7 +1,6 @@
 """PEFT methods as pytree transforms: identity at init, merge == unmerged, only adapters train,
 cached generation with soft prompts equals the uncached forward."""
 
-import dataclasses
 import functools
 
 import chex
