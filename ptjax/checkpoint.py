@@ -40,11 +40,7 @@ def restore_latest(mngr: ocp.CheckpointManager, abstract_state):
     return step, restored["state"], restored["data"]
 
 
-def abstract_like(tree, shardings=None):
-    """ShapeDtypeStructs (with shardings, when given) describing `tree`, for restoring."""
-    if shardings is None:
-        return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype,
-                                                           sharding=getattr(x, "sharding", None)),
-                            tree)
+def abstract_like(tree, shardings):
+    """ShapeDtypeStructs with the given shardings describing `tree`, for restoring into."""
     return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
                         tree, shardings)

@@ -55,11 +55,6 @@ class WeightNode:
         return self.replace(**changes)
 
 
-def is_node(x) -> bool:
-    """True for weight nodes (the tree helpers stop at them when asked to)."""
-    return isinstance(x, WeightNode)
-
-
 def nodes_of(params, node_type=WeightNode) -> list:
     """All nodes of a type in a tree, outermost first (for tests and accounting)."""
     found = []

@@ -22,6 +22,7 @@ import numpy as np
 from ptjax.data import encode_prompt
 from ptjax.models import llama
 from ptjax.models.config import ModelConfig
+from ptjax.peft import prompts
 
 PAD_MULTIPLE = 16  # generate_text pads prompt lengths to a multiple of this to reuse compiles
 
@@ -91,6 +92,8 @@ def generate(params, cfg: ModelConfig, prompt_tokens, prompt_mask, rng, *, max_n
     """
     b, p = prompt_tokens.shape
     mask = prompt_mask.astype(jnp.int32)
+    # Run P-tuning encoders / prefix MLPs once here, not in every decode step of the loop.
+    params = prompts.finalize(params)
     if prompt_embeds is None:
         prompt_embeds = llama.embed_tokens(params, cfg, prompt_tokens)
     cache = llama.init_cache(cfg, b, p + max_new_tokens, params=params)
