@@ -1,11 +1,11 @@
 """Weight nodes: small registered pytree dataclasses that stand where a weight array stood.
 
-`ops.linear(x, w)` calls `w.linear(x, dtype)` for a node, so LoRA, DoRA, IA3, adapters and
+`ops.linear(x, w)` calls `w.linear(x, dtype, rng)` for a node, so LoRA, DoRA, IA3, adapters and
 quantized weights reach the model without it changing. Nodes nest (`LoRA(base=NF4(...))`): a
 node's `linear` calls `ops.linear` on what it wraps.
 
 Every node wraps one 2-D weight laid out [in, out] (or [vocab, dim] for embeddings) and says:
-- `linear(x, dtype)`: its matmul;
+- `linear(x, dtype, rng)`: its matmul (`rng` is a key in training steps, None otherwise);
 - `materialize()`: the plain array it stands for (merging, export, kernels needing it whole);
 - `part_axes(axes)`: the logical axes of each of its fields given the wrapped weight's axes, so
   sharding rules apply to nodes without knowing them.
@@ -30,7 +30,7 @@ class WeightNode:
         """Shape of the weight this node stands for (that of what it wraps)."""
         return self.base.shape
 
-    def linear(self, x, dtype):
+    def linear(self, x, dtype, rng=None):
         raise NotImplementedError(f"{type(self).__name__} cannot be used as a linear weight")
 
     def embed(self, ids, dtype):

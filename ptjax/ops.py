@@ -74,11 +74,20 @@ def _dense_bwd(dtype, res, dy):
 dense.defvjp(_dense_fwd, _dense_bwd)
 
 
-def linear(x, w, dtype=F32):
-    """The one matmul entry point: `x @ w` for arrays, the node's own rule for weight nodes."""
+def linear(x, w, dtype=F32, rng=None):
+    """The one matmul entry point: `x @ w` for arrays, the node's own rule for weight nodes.
+
+    `rng` (a key, or None when deterministic) reaches nodes that draw randomness in training,
+    such as LoRA dropout; plain arrays ignore it. Keys are passed, never stored in the params.
+    """
     if is_weight_node(w):
-        return w.linear(x, dtype)
+        return w.linear(x, dtype, rng)
     return dense(x, w, dtype)
+
+
+def fold_key(rng, i: int):
+    """`fold_in(rng, i)`, or None when there is no key: one distinct key per call site."""
+    return None if rng is None else jax.random.fold_in(rng, i)
 
 
 def embed(ids, table, dtype=F32):

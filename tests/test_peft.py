@@ -17,6 +17,7 @@ from ptjax.models import llama
 from ptjax.models.config import preset
 from ptjax.peft import adapters, ia3, lora, prompts
 from ptjax.train import sft
+from ptjax.train.losses import next_token_nll
 from ptjax.train import state as state_lib
 from ptjax.train.config import base_config
 from ptjax import data as D
@@ -75,10 +76,24 @@ def test_merged_forward_equals_unmerged(method, pattern):
     np.testing.assert_allclose(forward(merged, CFG, TOKENS), unmerged_logits, rtol=1e-5, atol=1e-5)
 
 
-def test_lora_unmerge_recovers_base_and_factors():
-    params = perturb(lora.inject(BASE, jax.random.key(2), rank=4), lora.TRAINABLE)
+def test_lora_merge_and_unmerge_against_numpy():
+    """merge gives W + s A B computed in float64 numpy; unmerge gives back the original base
+    (compared with the base itself, so an error shared by merge and unmerge cannot cancel)."""
+    params = perturb(lora.inject(BASE, jax.random.key(2), rank=4, alpha=6.0), lora.TRAINABLE)
+    merged = dict(ptree.flatten_with_paths(lora.merge(params)))
+    base = dict(ptree.flatten_with_paths(BASE))
+    nodes = [(p, n) for p, n in ptree.flatten_with_paths(params, nodes_as_leaves=True)
+             if isinstance(n, lora.LoRA)]
+    assert len(nodes) == 7 * CFG.layers
+    for path, node in nodes:
+        want = (np.asarray(node.base, np.float64) +
+                1.5 * np.asarray(node.a, np.float64) @ np.asarray(node.b, np.float64))
+        np.testing.assert_allclose(merged[path], want, rtol=1e-5, atol=1e-6, err_msg=path)
     back = lora.unmerge(lora.merge(params), params)
-    chex.assert_trees_all_close(back, params, atol=1e-6)
+    for path, node in ptree.flatten_with_paths(back, nodes_as_leaves=True):
+        if isinstance(node, lora.LoRA):
+            np.testing.assert_allclose(node.base, base[path], atol=1e-6, err_msg=path)
+            assert node.scale == 1.5
 
 
 def test_lora_delta_matches_numpy_reference():
@@ -91,21 +106,86 @@ def test_lora_delta_matches_numpy_reference():
                                rtol=1e-5, atol=1e-5)
 
 
-def test_dora_column_norm_gets_no_gradient():
-    node = perturb(lora.inject(BASE, jax.random.key(2), rank=4, dora=True),
-                   lora.TRAINABLE)["layers_0"]["mlp"]["up"]["kernel"]
-    x = jax.random.normal(jax.random.key(3), (5, CFG.hidden))
-    g = jax.grad(lambda m: jnp.sum(node.replace(magnitude=m).linear(x, jnp.float32)))(node.magnitude)
-    # d/dm of sum(y * m / n) with n constant is sum(y) / n, per column.
-    y = np.asarray(x @ node.base + node.scale * (x @ node.a) @ node.b)
-    np.testing.assert_allclose(g, y.sum(0) / np.asarray(node.column_norm()), rtol=1e-4)
+def _numpy_dora(x, w, a, b, scale, m, cot):
+    """DoRA in float64 from the paper / PEFT: V = W + s A B, n = ||V|| per output channel
+    (detached), y = x V * m / n; and the gradients of sum(y * cot) for A, B and m."""
+    v = w + scale * a @ b
+    n = np.sqrt((v * v).sum(0))
+    y = (x @ v) * (m / n)
+    g_out = cot * (m / n)  # through x V only: n is a constant
+    return y, {"a": scale * x.T @ g_out @ b.T, "b": scale * (x @ a).T @ g_out,
+               "magnitude": ((x @ v) * cot).sum(0) / n}
 
 
-def test_lora_dropout_needs_a_key_and_changes_output():
+def test_dora_forward_and_gradients_match_numpy():
+    node = perturb(lora.inject(BASE, jax.random.key(2), rank=4, alpha=8.0, dora=True),
+                   lora.TRAINABLE, scale=0.3)["layers_0"]["mlp"]["up"]["kernel"]
+    rng = np.random.default_rng(4)
+    x, cot = rng.standard_normal((5, CFG.hidden)), rng.standard_normal((5, CFG.mlp))
+    f64 = lambda v: np.asarray(v, np.float64)  # noqa: E731
+    want_y, want_g = _numpy_dora(x, f64(node.base), f64(node.a), f64(node.b), 2.0,
+                                 f64(node.magnitude), cot)
+    xj, cj = jnp.asarray(x, jnp.float32), jnp.asarray(cot, jnp.float32)
+
+    def loss(parts):
+        return jnp.sum(node.replace(**parts).linear(xj, jnp.float32) * cj)
+
+    parts = {"a": node.a, "b": node.b, "magnitude": node.magnitude}
+    np.testing.assert_allclose(node.linear(xj, jnp.float32), want_y, rtol=1e-5, atol=1e-5)
+    got = jax.grad(loss)(parts)
+    for name in parts:
+        np.testing.assert_allclose(got[name], want_g[name], rtol=1e-4,
+                                   atol=1e-5 * np.abs(want_g[name]).max(), err_msg=name)
+    np.testing.assert_allclose(x @ f64(node.materialize()), want_y, rtol=1e-5, atol=1e-5)
+
+
+def _identity_lora(n, dropout):
+    """A LoRA node whose output is exactly its dropped-out input: base 0, A = B = I, scale 1."""
+    eye = jnp.eye(n, dtype=jnp.float32)
+    return lora.LoRA(base=jnp.zeros((n, n)), a=eye, b=eye, scale=1.0, dropout=dropout)
+
+
+def test_lora_dropout_keeps_with_probability_and_rescales():
+    rate, n = 0.3, 64
+    node = _identity_lora(n, rate)
+    x = jnp.asarray(np.random.default_rng(0).uniform(1.0, 2.0, (256, n)), jnp.float32)
+    np.testing.assert_array_equal(node.linear(x, jnp.float32), x)  # no key: no dropout
+    y = np.asarray(node.linear(x, jnp.float32, jax.random.key(5)))
+    dropped = y == 0
+    np.testing.assert_allclose(y[~dropped], np.asarray(x)[~dropped] / (1 - rate), rtol=1e-6)
+    # 16384 Bernoulli draws: the dropped fraction is within 5 standard deviations of the rate.
+    assert abs(dropped.mean() - rate) < 5 * np.sqrt(rate * (1 - rate) / dropped.size)
+    other = np.asarray(node.linear(x, jnp.float32, jax.random.key(6)))
+    assert ((other == 0) != dropped).mean() > 0.2  # another key, other masks
+
+
+def test_accumulated_microbatches_draw_their_own_dropout_masks():
+    """With grad_accum=2 over two copies of one microbatch, the step's gradient is the sum of the
+    microbatch gradients under keys fold_in(rng, 0) and fold_in(rng, 1), which differ."""
     params = perturb(lora.inject(BASE, jax.random.key(2), rank=4, dropout=0.5), lora.TRAINABLE)
-    plain = forward(params, CFG, TOKENS)
-    keyed = forward(lora.add_dropout_keys(params, jax.random.key(5)), CFG, TOKENS)
-    assert np.abs(np.asarray(plain - keyed)).max() > 1e-4
+    mask = ptree.select(params, lora.TRAINABLE)
+    tx = optax.sgd(1.0)
+    state = state_lib.create(params, mask, tx, seed=0)
+    micro = method_batches(peft_cfg("lora"), 1, batch_size=2, seq_len=32)[0]
+    batch = {k: np.concatenate([v, v]) for k, v in micro.items()}
+    rng = jax.random.key(11)
+    step = jax.jit(functools.partial(sft.train_step, model_cfg=CFG, tx=tx, grad_accum=2))
+    new, _ = step(state, batch, rng)
+    applied = jax.tree.map(lambda a, b: np.asarray(b) - np.asarray(a), new.trainable,
+                           state.trainable)
+
+    @jax.jit
+    def grad_sum(key):
+        return jax.grad(lambda tr: next_token_nll(ptree.merge(tr, state.frozen), CFG, micro,
+                                                  rng=key)[0])(state.trainable)
+
+    g0, g1 = grad_sum(jax.random.fold_in(rng, 0)), grad_sum(jax.random.fold_in(rng, 1))
+    tokens = 2 * micro["loss_mask"].sum()
+    want = jax.tree.map(lambda a, b: (np.asarray(a) + np.asarray(b)) / tokens, g0, g1)
+    chex.assert_trees_all_close(applied, want, rtol=1e-4, atol=1e-7)
+    diff = max(float(np.abs(np.asarray(a) - np.asarray(b)).max())
+               for a, b in zip(jax.tree.leaves(g0), jax.tree.leaves(g1)))
+    assert diff > 1e-3  # the two microbatches really used different masks
 
 
 @pytest.fixture(scope="module")

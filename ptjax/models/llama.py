@@ -123,22 +123,24 @@ def attention_mask(q_slots, q_segments, k_slots, k_segments):
     return causal & same & (q_segments[:, :, None] != 0)
 
 
-def _project(x, p, dtype):
-    y = ops.linear(x, p["kernel"], dtype)
+def _project(x, p, dtype, rng=None):
+    y = ops.linear(x, p["kernel"], dtype, rng)
     if "bias" in p:
         y = y + p["bias"].astype(dtype)
     return y
 
 
-def attention_block(p, cfg: ModelConfig, x, positions, mask, kv: dict | None, write_slot=None):
+def attention_block(p, cfg: ModelConfig, x, positions, mask, kv: dict | None, write_slot=None,
+                    rng=None):
     """Grouped-query attention. `kv` holds the layer's cache ([b, kv, d, T] keys and values)
-    or a prefix; returns the block output and the updated cache for this layer."""
+    or a prefix; returns the block output and the updated cache for this layer. `rng` (training
+    only) gives each projection its own key for weight nodes that draw randomness."""
     dtype = cfg.compute_dtype
     b, s, _ = x.shape
     kvh, g, hd = cfg.kv_heads, cfg.groups, cfg.head_dim
-    q = _project(x, p["q"], dtype).reshape(b, s, cfg.heads, hd)
-    k = _project(x, p["k"], dtype).reshape(b, s, kvh, hd)
-    v = _project(x, p["v"], dtype).reshape(b, s, kvh, hd)
+    q = _project(x, p["q"], dtype, ops.fold_key(rng, 0)).reshape(b, s, cfg.heads, hd)
+    k = _project(x, p["k"], dtype, ops.fold_key(rng, 1)).reshape(b, s, kvh, hd)
+    v = _project(x, p["v"], dtype, ops.fold_key(rng, 2)).reshape(b, s, kvh, hd)
     q = rope(q, positions, cfg.rope_theta)
     k = rope(k, positions, cfg.rope_theta)
     # Grouped heads that share a KV head are stacked along the query axis: q [b*kv, g*s, d].
@@ -158,26 +160,27 @@ def attention_block(p, cfg: ModelConfig, x, positions, mask, kv: dict | None, wr
     v = v.astype(dtype).reshape(b * kvh, hd, t)
     out = ops.grouped_attention(q.astype(dtype), k, v, mask, 1.0 / math.sqrt(hd))
     out = out.reshape(b, kvh, g, s, hd).transpose(0, 3, 1, 2, 4).reshape(b, s, cfg.heads * hd)
-    return ops.linear(out, p["o"]["kernel"], dtype), new_kv
+    return ops.linear(out, p["o"]["kernel"], dtype, ops.fold_key(rng, 3)), new_kv
 
 
-def mlp_block(p, cfg: ModelConfig, x):
+def mlp_block(p, cfg: ModelConfig, x, rng=None):
     """SwiGLU feed-forward: down(silu(gate(x)) * up(x))."""
     dtype = cfg.compute_dtype
-    gate = ops.linear(x, p["gate"]["kernel"], dtype)
-    up = ops.linear(x, p["up"]["kernel"], dtype)
+    gate = ops.linear(x, p["gate"]["kernel"], dtype, ops.fold_key(rng, 0))
+    up = ops.linear(x, p["up"]["kernel"], dtype, ops.fold_key(rng, 1))
     h = (jax.nn.silu(gate.astype(F32)) * up.astype(F32)).astype(dtype)
-    return ops.linear(h, p["down"]["kernel"], dtype)
+    return ops.linear(h, p["down"]["kernel"], dtype, ops.fold_key(rng, 2))
 
 
-def decoder_layer(p, cfg: ModelConfig, x, positions, mask, kv=None, write_slot=None):
+def decoder_layer(p, cfg: ModelConfig, x, positions, mask, kv=None, write_slot=None, rng=None):
     """Pre-norm residual layer; the residual stream stays float32."""
     dtype = cfg.compute_dtype
     h = rms_norm(x, p["attn_norm"]["scale"], cfg.norm_eps).astype(dtype)
-    a, new_kv = attention_block(p["attn"], cfg, h, positions, mask, kv, write_slot)
+    a, new_kv = attention_block(p["attn"], cfg, h, positions, mask, kv, write_slot,
+                                ops.fold_key(rng, 0))
     x = x + a.astype(F32)
     h = rms_norm(x, p["mlp_norm"]["scale"], cfg.norm_eps).astype(dtype)
-    x = x + mlp_block(p["mlp"], cfg, h).astype(F32)
+    x = x + mlp_block(p["mlp"], cfg, h, ops.fold_key(rng, 1)).astype(F32)
     return constrain(x, RESIDUAL_AXES), new_kv
 
 
@@ -199,11 +202,12 @@ def embed_tokens(params: Params, cfg: ModelConfig, tokens):
 
 
 def hidden_states(params: Params, cfg: ModelConfig, inputs_embeds, positions, segment_ids,
-                  prefix: dict | None = None):
+                  prefix: dict | None = None, rng=None):
     """Final normed hidden states [b, s, hidden] of a whole sequence (training and scoring).
 
     `prefix` (prefix tuning) maps `layers_i` to {"k", "v"} of shape [b, kv, head_dim, P]; those
-    entries sit before the sequence and every non-padding token sees them.
+    entries sit before the sequence and every non-padding token sees them. `rng` is the train
+    step's key for weights that draw randomness (LoRA dropout); None is deterministic.
     """
     b, s, _ = inputs_embeds.shape
     if prefix is None and "prefix" in params:
@@ -222,7 +226,7 @@ def hidden_states(params: Params, cfg: ModelConfig, inputs_embeds, positions, se
     x = constrain(inputs_embeds.astype(F32), RESIDUAL_AXES)
     for i in range(cfg.layers):
         kv = None if prefix is None else prefix[f"layers_{i}"]
-        x, _ = layer(params[f"layers_{i}"], cfg, x, positions, mask, kv)
+        x, _ = layer(params[f"layers_{i}"], cfg, x, positions, mask, kv, None, ops.fold_key(rng, i))
     return rms_norm(x, params["final_norm"]["scale"], cfg.norm_eps)
 
 

@@ -41,8 +41,8 @@ class Adapter(WeightNode):
     up_bias: Any
     activation: str = flax.struct.field(pytree_node=False, default="gelu")
 
-    def linear(self, x, dtype):
-        h = ops.linear(x, self.base, dtype)
+    def linear(self, x, dtype, rng=None):
+        h = ops.linear(x, self.base, dtype, rng)
         z = ops.dense(h, self.down, dtype).astype(F32) + self.down_bias
         z = ACTIVATIONS[self.activation](z).astype(dtype)
         out = h.astype(F32) + ops.dense(z, self.up, dtype).astype(F32) + self.up_bias

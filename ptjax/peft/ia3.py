@@ -33,10 +33,10 @@ class IA3(WeightNode):
     ia3: Any  # [out] for the output side, [in] for the input side
     side: str = flax.struct.field(pytree_node=False, default="output")
 
-    def linear(self, x, dtype):
+    def linear(self, x, dtype, rng=None):
         if self.side == "input":
-            return ops.linear((x.astype(F32) * self.ia3).astype(x.dtype), self.base, dtype)
-        y = ops.linear(x, self.base, dtype)
+            return ops.linear((x.astype(F32) * self.ia3).astype(x.dtype), self.base, dtype, rng)
+        y = ops.linear(x, self.base, dtype, rng)
         return (y.astype(F32) * self.ia3).astype(y.dtype)
 
     def materialize(self):

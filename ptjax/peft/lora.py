@@ -29,10 +29,12 @@ F32 = jnp.float32
 DEFAULT_TARGETS = r"layers_\d+/(attn/(q|k|v|o)|mlp/(gate|up|down))/kernel$"
 
 
-def _dropout(x, rate, key_data):
-    if rate <= 0.0 or key_data is None:
+def _dropout(x, rate, key):
+    """Inverted dropout of the low-rank branch's input (PEFT's `lora_dropout`): keep each entry
+    with probability 1 - rate and scale kept ones by 1/(1 - rate); identity without a key."""
+    if rate <= 0.0 or key is None:
         return x
-    keep = jax.random.bernoulli(jax.random.wrap_key_data(key_data), 1.0 - rate, x.shape)
+    keep = jax.random.bernoulli(key, 1.0 - rate, x.shape)
     return jnp.where(keep, x / (1.0 - rate), 0).astype(x.dtype)
 
 
@@ -47,7 +49,6 @@ class LoRA(WeightNode):
     base: Any
     a: Any
     b: Any
-    rng: Any = None  # per-step dropout key data, set by `add_dropout_keys` inside the step
     scale: float = flax.struct.field(pytree_node=False, default=1.0)
     dropout: float = flax.struct.field(pytree_node=False, default=0.0)
 
@@ -55,9 +56,10 @@ class LoRA(WeightNode):
     def shape(self):
         return (self.a.shape[0], self.b.shape[1])
 
-    def linear(self, x, dtype):
-        y = ops.linear(x, self.base, dtype)
-        delta = _low_rank(_dropout(x, self.dropout, self.rng), self.a, self.b, self.scale, dtype)
+    def linear(self, x, dtype, rng=None):
+        """`x W + scale * (dropout(x) A) B`; dropout masks come from `rng` (training only)."""
+        y = ops.linear(x, self.base, dtype, ops.fold_key(rng, 1))
+        delta = _low_rank(_dropout(x, self.dropout, rng), self.a, self.b, self.scale, dtype)
         return (y.astype(F32) + delta).astype(y.dtype)
 
     def delta(self):
@@ -69,7 +71,7 @@ class LoRA(WeightNode):
         return (base.astype(F32) + self.delta()).astype(base.dtype)
 
     def part_axes(self, axes):
-        return {"base": axes, "a": (axes[0], None), "b": (None, axes[1]), "rng": (None,)}
+        return {"base": axes, "a": (axes[0], None), "b": (None, axes[1])}
 
 
 @flax.struct.dataclass
@@ -80,7 +82,6 @@ class DoRA(WeightNode):
     a: Any
     b: Any
     magnitude: Any  # [out]
-    rng: Any = None
     scale: float = flax.struct.field(pytree_node=False, default=1.0)
     dropout: float = flax.struct.field(pytree_node=False, default=0.0)
 
@@ -94,9 +95,9 @@ class DoRA(WeightNode):
             self.a.astype(F32), self.b.astype(F32))
         return jax.lax.stop_gradient(jnp.sqrt(jnp.sum(w * w, axis=0)))
 
-    def linear(self, x, dtype):
-        y = ops.linear(x, self.base, dtype).astype(F32)
-        y = y + _low_rank(_dropout(x, self.dropout, self.rng), self.a, self.b, self.scale, dtype)
+    def linear(self, x, dtype, rng=None):
+        y = ops.linear(x, self.base, dtype, ops.fold_key(rng, 1)).astype(F32)
+        y = y + _low_rank(_dropout(x, self.dropout, rng), self.a, self.b, self.scale, dtype)
         return (y * (self.magnitude.astype(F32) / self.column_norm())).astype(dtype)
 
     def materialize(self):
@@ -107,7 +108,7 @@ class DoRA(WeightNode):
 
     def part_axes(self, axes):
         return {"base": axes, "a": (axes[0], None), "b": (None, axes[1]),
-                "magnitude": (axes[1],), "rng": (None,)}
+                "magnitude": (axes[1],)}
 
 
 def lora_scale(alpha: float, rank: int, rslora: bool) -> float:
@@ -155,20 +156,6 @@ def inject(params, key, *, targets: str = DEFAULT_TARGETS, rank: int = 8, alpha:
 
 
 TRAINABLE = r"/(a|b|magnitude)$"  # the parts of LoRA/DoRA nodes that train
-
-
-def add_dropout_keys(params, rng):
-    """Give every node with dropout its own key for this step (a `params -> params` transform)."""
-    i = 0
-
-    def give(x):
-        nonlocal i
-        if isinstance(x, (LoRA, DoRA)) and x.dropout > 0:
-            i += 1
-            return x.replace(rng=jax.random.key_data(jax.random.fold_in(rng, i)))
-        return x
-
-    return jax.tree.map(give, params, is_leaf=lambda x: isinstance(x, (LoRA, DoRA)))
 
 
 def merge(params):

@@ -8,17 +8,18 @@ from ptjax import ops
 from ptjax.models import llama
 
 
-def next_token_nll(params, cfg, batch, inputs_embeds=None, prefix=None):
+def next_token_nll(params, cfg, batch, inputs_embeds=None, prefix=None, rng=None):
     """Summed weighted next-token NLL over a packed batch, plus token and hit counts.
 
     Returns sums, not means, so gradient accumulation over microbatches divides once by the
     total token count and equals one large batch exactly. The output head runs through the
-    fused chunked cross-entropy (no [b, s, vocab] logits in memory).
+    fused chunked cross-entropy (no [b, s, vocab] logits in memory). `rng` feeds training-time
+    randomness such as LoRA dropout (None: deterministic, as in evaluation).
     """
     if inputs_embeds is None:
         inputs_embeds = llama.embed_tokens(params, cfg, batch["inputs"])
     h = llama.hidden_states(params, cfg, inputs_embeds, batch["positions"], batch["segment_ids"],
-                            prefix=prefix)
+                            prefix=prefix, rng=rng)
     w, vocab_major = llama.output_head(params, cfg)
     weights = batch["loss_mask"].astype(jnp.float32)
     nll_sum, correct = ops.fused_cross_entropy(

@@ -7,7 +7,6 @@ import jax.numpy as jnp
 import optax
 
 from ptjax import tree as ptree
-from ptjax.peft import lora
 from ptjax.train.losses import next_token_nll
 from ptjax.train.state import TrainState
 
@@ -16,33 +15,41 @@ def _microbatches(batch, n: int):
     return jax.tree.map(lambda x: x.reshape(n, x.shape[0] // n, *x.shape[1:]), batch)
 
 
+def microbatch_key(rng, index):
+    """The key microbatch `index` of a step draws its randomness from (None stays None), so
+    every microbatch of an accumulated step gets its own dropout masks."""
+    return None if rng is None else jax.random.fold_in(rng, index)
+
+
 def train_step(state: TrainState, batch, rng, *, model_cfg, tx: optax.GradientTransformation,
                grad_accum: int = 1):
     """One optimizer step on `batch` ([batch, seq] arrays), accumulating `grad_accum` microbatches.
 
     Gradients are taken over `state.trainable` only. The loss is the mean NLL over all loss
     tokens of the whole batch, so accumulation is exactly the same update as one big batch.
+    `rng` (a key, or None for no dropout) is the step's randomness; microbatch i uses
+    `microbatch_key(rng, i)`.
     """
-    def nll_sum(trainable, micro):
+    def nll_sum(trainable, micro, key):
         params = ptree.merge(trainable, state.frozen)
-        if rng is not None:  # LoRA dropout draws its masks from this step's key
-            params = lora.add_dropout_keys(params, rng)
-        return next_token_nll(params, model_cfg, micro)
+        return next_token_nll(params, model_cfg, micro, rng=key)
 
-    def grads_and_sums(mb):
-        (loss, aux), grads = jax.value_and_grad(nll_sum, has_aux=True)(state.trainable, mb)
+    def grads_and_sums(mb, index):
+        (loss, aux), grads = jax.value_and_grad(nll_sum, has_aux=True)(
+            state.trainable, mb, microbatch_key(rng, index))
         return grads, loss, aux["tokens"], aux["correct"]
 
     if grad_accum == 1:
-        grads, loss, tokens, correct = grads_and_sums(batch)
+        grads, loss, tokens, correct = grads_and_sums(batch, 0)
     else:
-        def accumulate(carry, mb):
-            return jax.tree.map(jnp.add, carry, grads_and_sums(mb)), None
+        def accumulate(carry, xs):
+            mb, index = xs
+            return jax.tree.map(jnp.add, carry, grads_and_sums(mb, index)), None
 
         zeros = jax.tree.map(jnp.zeros_like, state.trainable)
         init = (zeros, jnp.zeros(()), jnp.zeros(()), jnp.zeros(()))
-        (grads, loss, tokens, correct), _ = jax.lax.scan(accumulate, init,
-                                                         _microbatches(batch, grad_accum))
+        (grads, loss, tokens, correct), _ = jax.lax.scan(
+            accumulate, init, (_microbatches(batch, grad_accum), jnp.arange(grad_accum)))
     denom = jnp.maximum(tokens, 1.0)
     grads = jax.tree.map(lambda g: g / denom, grads)
     updates, opt_state = tx.update(grads, state.opt_state, state.trainable)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 import flax.struct
@@ -10,6 +11,8 @@ import jax.numpy as jnp
 import optax
 
 from ptjax import tree as ptree
+
+LOOKUP_TABLES = r"(^|/)embed/"  # frozen matrices read by `ops.embed`, never cast
 
 
 @flax.struct.dataclass
@@ -39,13 +42,16 @@ def create(params, trainable_mask, tx: optax.GradientTransformation, seed: int,
     With `frozen_matmul_dtype` (the compute dtype), frozen matrices are stored in it: they never
     update, the matmuls cast them to it anyway, so results are identical while the frozen base
     takes half the memory and no per-step cast (how adapter training keeps a 7B base small).
-    Vectors (norm scales, biases) keep their dtype.
+    Vectors (norm scales, biases) and the embedding table keep their dtype: the table is read by
+    a lookup in float32, not by a matmul, so rounding it would change the model.
     """
     trainable, frozen = ptree.split(params, trainable_mask)
     if frozen_matmul_dtype is not None:
-        frozen = jax.tree.map(lambda x: x.astype(frozen_matmul_dtype)
-                              if x.ndim >= 2 and jnp.issubdtype(x.dtype, jnp.floating) else x,
-                              frozen)
+        lookup = re.compile(LOOKUP_TABLES)
+        frozen = ptree.map_with_path(
+            lambda path, x: x.astype(frozen_matmul_dtype)
+            if x.ndim >= 2 and jnp.issubdtype(x.dtype, jnp.floating) and not lookup.search(path)
+            else x, frozen)
     return TrainState(step=jnp.zeros((), jnp.int32), trainable=trainable, frozen=frozen,
                       opt_state=tx.init(trainable),
                       rng=jax.random.key_data(jax.random.key(seed)))
