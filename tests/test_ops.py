@@ -102,3 +102,74 @@ def test_fused_cross_entropy_matches_float64_reference(vocab_major, chunk):
     for a, b in zip(got, want):
         chex.assert_equal_shape([a, b])
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("vocab_major", [False, True])
+def test_fused_cross_entropy_values_on_the_differentiated_path(vocab_major):
+    """Under value_and_grad the forward runs `_ce_fwd`, a separate code path: its loss and
+    correct count must equal the float64 reference too (chunk 4 over 10 rows: a ragged tail)."""
+    n, d, vocab = 10, 8, 13
+    h, w = _rand(0, (n, d)), _rand(1, (vocab, d) if vocab_major else (d, vocab))
+    labels = jax.random.randint(jax.random.key(2), (n,), 0, vocab)
+    weights = jnp.array([1, 1, 0, 1, 0.5, 1, 1, 0, 1, 1], jnp.float32)
+    logits = np.asarray(h, np.float64) @ np.asarray(w.T if vocab_major else w, np.float64)
+    lse = np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1)) + logits.max(-1)
+    labels = labels.at[:4].set(jnp.asarray(logits.argmax(-1)[:4]))  # some predictions right
+    nll = lse - logits[np.arange(n), np.asarray(labels)]
+    want_correct = float(((logits.argmax(-1) == np.asarray(labels)) * np.asarray(weights)).sum())
+    assert 0 < want_correct < float(weights.sum())
+
+    def f(h, w):
+        loss, correct = ops.fused_cross_entropy(h, w, labels, weights, jnp.float32, vocab_major, 4)
+        return loss, correct
+
+    (loss, correct), _ = jax.value_and_grad(f, (0, 1), has_aux=True)(h, w)
+    np.testing.assert_allclose(loss, (nll * np.asarray(weights)).sum(), rtol=1e-5)
+    np.testing.assert_allclose(correct, want_correct)
+
+
+def test_bf16_attention_gradients_close_to_float32():
+    """bf16 operands with f32 accumulation: gradients within 3% (of the largest entry) of f32."""
+    batch, kv, g, s, d = 2, 2, 2, 16, 16
+    q, k, v = _rand(0, (batch * kv, g * s, d)), _rand(1, (batch * kv, d, s)), _rand(2, (batch * kv, d, s))
+    mask = jnp.tril(jnp.ones((s, s), bool))[None].repeat(batch, 0)
+    cot = _rand(3, q.shape)
+
+    def f(q, k, v, dtype):
+        out = ops.grouped_attention(q.astype(dtype), k.astype(dtype), v.astype(dtype), mask, 0.25)
+        return jnp.sum(out.astype(jnp.float32) * cot)
+
+    got = jax.grad(f, (0, 1, 2))(q, k, v, jnp.bfloat16)
+    want = jax.grad(_reference_attention_loss, (0, 1, 2))(q, k, v, mask, cot)
+    for name, a, b in zip("qkv", got, want):
+        chex.assert_type(a, jnp.float32)
+        b = np.asarray(b)
+        np.testing.assert_allclose(np.asarray(a), b, atol=0.03 * np.abs(b).max(), err_msg=name)
+
+
+def _reference_attention_loss(q, k, v, mask, cot):
+    return jnp.sum(_reference_attention(q, k, v, mask, 0.25) * cot)
+
+
+@pytest.mark.parametrize("vocab_major", [False, True])
+def test_bf16_cross_entropy_gradients_close_to_float32(vocab_major):
+    """The fused loss in bf16: loss within 1% and gradients within 3% (of the largest entry) of
+    plain float32 autodiff."""
+    n, d, vocab = 64, 32, 50
+    h, w = _rand(0, (n, d)), _rand(1, (vocab, d) if vocab_major else (d, vocab), 0.3)
+    labels = jax.random.randint(jax.random.key(2), (n,), 0, vocab)
+    weights = (jax.random.uniform(jax.random.key(3), (n,)) > 0.3).astype(jnp.float32)
+
+    def plain(h, w):
+        logits = h @ (w.T if vocab_major else w)
+        nll = jax.nn.logsumexp(logits, -1) - jnp.take_along_axis(logits, labels[:, None], -1)[:, 0]
+        return jnp.sum(nll * weights)
+
+    def fused(h, w):
+        return ops.fused_cross_entropy(h, w, labels, weights, jnp.bfloat16, vocab_major, 16)[0]
+
+    np.testing.assert_allclose(fused(h, w), plain(h, w), rtol=1e-2)
+    for a, b in zip(jax.grad(fused, (0, 1))(h, w), jax.grad(plain, (0, 1))(h, w)):
+        chex.assert_type(a, jnp.float32)
+        b = np.asarray(b)
+        np.testing.assert_allclose(np.asarray(a), b, atol=0.03 * np.abs(b).max())

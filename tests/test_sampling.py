@@ -242,3 +242,24 @@ def test_generate_text_is_independent_of_batching():
     for text, (tokens, _) in zip(batched, reference):
         assert text == tok.decode(tokens[:tokens.index(2)] if 2 in tokens else tokens)
     assert len({text for text in batched}) > 1
+
+
+def test_every_step_draws_an_independent_token():
+    """With all-zero params every logit is 0, so each token must be uniform over the vocabulary
+    and independent of the others: a sampler that reused a key across steps (or rows) would
+    repeat tokens along a row (or down a column)."""
+    zeros = jax.tree.map(jnp.zeros_like, PARAMS)
+    n, n_new, vocab = 4096, 4, CFG.vocab_size
+    tokens = jnp.asarray(np.tile(PROMPTS[1], (n, 1)))
+    fn = sampling.make_generate_fn(CFG, n_new, 1.0, 0, 1.0, -1, 0)
+    out = np.asarray(fn(zeros, tokens, jnp.ones_like(tokens), jax.random.key(3))["tokens"])
+    uniform = np.full(vocab, 1.0 / vocab)
+    df = vocab - 1
+    bound = df + 6 * np.sqrt(2 * df)
+    for step in range(n_new):  # each step's marginal is uniform
+        assert _chi_square(np.bincount(out[:, step], minlength=vocab), uniform) < bound, step
+    for step in range(n_new - 1):  # consecutive steps are independent: the shift is uniform too
+        shift = (out[:, step + 1] - out[:, step]) % vocab
+        assert _chi_square(np.bincount(shift, minlength=vocab), uniform) < bound, step
+        assert np.mean(out[:, step + 1] == out[:, step]) < 5.0 / vocab, step
+    assert len({tuple(row) for row in out}) > 0.99 * n  # whole sequences differ across rows

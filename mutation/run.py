@@ -1,0 +1,256 @@
+"""Mutation check of ptjax's core with cosmic-ray: a fixed, seeded sample of mutants.
+
+    pip install -e '.[test,mutation]'
+    python mutation/run.py                       # ~300 mutants, 2 workers, about an hour on 2 cores
+    python mutation/run.py --sample 40 --module ptjax/sampling.py   # a quick look at one module
+
+Why a sample: the core (mutation/modules.toml) holds about 3,700 mutants and each needs a pytest
+run that compiles JAX programs, far too many to run whole. Which mutants are in the sample does not
+depend on the order of the code: every mutant gets a key (module, operator, the text of its line,
+its column), and the sample is the `--sample` mutants whose salted hash of that key is smallest.
+Editing one function therefore moves only that function's mutants in or out.
+
+How: one cosmic-ray session per [[module]] entry (its own test command: the tests that cover those
+files, `-x`), mutants outside the sample marked skipped in the session database (the way
+cosmic-ray's own filters do), and `cosmic-ray exec` with the http distributor over `--workers`
+`cosmic-ray http-worker`s, each in its own copy of the tree (mutants are written to disk, so two
+workers must never share files). JAX's persistent compilation cache is shared by the workers.
+
+Mutants listed in mutation/equivalent.toml (with the reason they cannot change behaviour) are not
+run and count neither way. Prints, and writes to WORKDIR/report.md, the mutation score per module
+(killed / (sampled - equivalent)) and the diff of every surviving mutant. Exit status 1 when the
+total score is under `--min-score`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+import tomllib
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+HERE = Path(__file__).resolve().parent
+COPIED = ("ptjax", "tests", "configs", "launch.py", "pyproject.toml")
+
+
+def mutant_key(mutation, lines_of) -> str:
+    """`module:operator:line text:column`, stable under edits elsewhere in the file."""
+    line, col = mutation.start_pos
+    text = lines_of(str(mutation.module_path))[line - 1].strip()
+    return f"{mutation.module_path}:{mutation.operator_name}:{text}:{col}"
+
+
+def load_equivalents() -> dict[str, str]:
+    """{mutant key: reason} from mutation/equivalent.toml."""
+    path = HERE / "equivalent.toml"
+    if not path.exists():
+        return {}
+    with open(path, "rb") as f:
+        return {e["key"]: e["reason"] for e in tomllib.load(f).get("equivalent", [])}
+
+
+def session_config(entry: dict, excluded: list[str], urls: list[str]) -> str:
+    """A cosmic-ray config (TOML text) for one [[module]] entry."""
+    tests = " ".join(entry["tests"])
+    command = (f"{sys.executable} -m pytest -x -q -p no:xdist -p no:cacheprovider "
+               f"-m 'not slow' {tests}")
+    paths = ", ".join(json.dumps(p) for p in entry["paths"])
+    return "\n".join([
+        "[cosmic-ray]",
+        f"module-path = [{paths}]",
+        f"timeout = {float(entry['timeout'])}",
+        "excluded-modules = []",
+        f"test-command = {json.dumps(command)}",
+        "[cosmic-ray.distributor]",
+        'name = "http"',
+        "[cosmic-ray.distributor.http]",
+        f"worker-urls = {json.dumps(urls)}",
+        "[cosmic-ray.filters.operators-filter]",
+        f"exclude-operators = {json.dumps(excluded)}",
+        "",
+    ])
+
+
+def start_workers(workdir: Path, n: int, base_port: int) -> tuple[list, list[str]]:
+    """`n` http workers, each serving from its own copy of the tree."""
+    cache = workdir / "jax_cache"
+    cache.mkdir(parents=True, exist_ok=True)
+    procs, urls = [], []
+    for i in range(n):
+        tree = workdir / f"worker{i}"
+        shutil.rmtree(tree, ignore_errors=True)
+        tree.mkdir(parents=True)
+        for name in COPIED:
+            src = ROOT / name
+            if src.is_dir():
+                shutil.copytree(src, tree / name, ignore=shutil.ignore_patterns("__pycache__"))
+            else:
+                shutil.copy2(src, tree / name)
+        env = dict(os.environ, PYTHONPATH=str(tree), PTJAX_NO_REEXEC="1",
+                   JAX_COMPILATION_CACHE_DIR=str(cache),
+                   JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+                   JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
+        port = base_port + i
+        log = open(workdir / f"worker{i}.log", "w")
+        procs.append(subprocess.Popen(
+            [sys.executable, "-m", "cosmic_ray.cli", "http-worker", "--port", str(port)],
+            cwd=tree, env=env, stdout=log, stderr=subprocess.STDOUT))
+        urls.append(f"http://127.0.0.1:{port}")
+    time.sleep(3)
+    for p in procs:
+        if p.poll() is not None:
+            raise SystemExit(f"a cosmic-ray http-worker exited at start; see {workdir}/worker*.log")
+    return procs, urls
+
+
+def cosmic_ray(*args, cwd=ROOT):
+    subprocess.run([sys.executable, "-m", "cosmic_ray.cli", *args], cwd=cwd, check=True)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--sample", type=int, default=300, help="mutants to run (all modules)")
+    parser.add_argument("--seed", default="ptjax-0", help="salt of the sample's hash")
+    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--port", type=int, default=9871, help="first worker port (127.0.0.1)")
+    parser.add_argument("--module", action="append", default=[],
+                        help="only entries holding this path (repeatable)")
+    parser.add_argument("--workdir", default=str(ROOT / "mutation" / ".work"))
+    parser.add_argument("--list", action="store_true", help="print the sample and exit")
+    parser.add_argument("--min-score", type=float, default=0.9)
+    args = parser.parse_args(argv)
+
+    from cosmic_ray.work_db import WorkDB, use_db
+    from cosmic_ray.work_item import WorkerOutcome, WorkResult
+
+    with open(HERE / "modules.toml", "rb") as f:
+        spec = tomllib.load(f)
+    entries = spec["module"]  # the sample is drawn over all of them, whatever --module says
+    workdir = Path(args.workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    equivalents = load_equivalents()
+    urls = [f"http://127.0.0.1:{args.port + i}" for i in range(args.workers)]
+
+    # 1. One session per entry with every mutant, operators filtered as cosmic-ray's filter does.
+    sessions = []
+    for i, entry in enumerate(entries):
+        config, db = workdir / f"session{i}.toml", workdir / f"session{i}.sqlite"
+        config.write_text(session_config(entry, spec["exclude-operators"], urls))
+        cosmic_ray("init", str(config), str(db), "--force")
+        subprocess.run([sys.executable, "-m", "cosmic_ray.tools.filters.operators_filter",
+                        str(db), str(config)], cwd=ROOT, check=True)
+        sessions.append((entry, config, db))
+
+    # 2. The seeded sample across all sessions; the rest (and known equivalents) are skipped.
+    lines: dict[str, list[str]] = {}
+
+    def lines_of(path):
+        if path not in lines:
+            lines[path] = (ROOT / path).read_text().splitlines()
+        return lines[path]
+
+    candidates = []  # (hash, key, session index, job id)
+    for s, (_, _, db) in enumerate(sessions):
+        with use_db(str(db), WorkDB.Mode.open) as work_db:
+            for item in work_db.pending_work_items:
+                key = mutant_key(item.mutations[0], lines_of)
+                digest = hashlib.sha256(f"{args.seed}|{key}".encode()).hexdigest()
+                candidates.append((digest, key, s, item.job_id))
+    candidates.sort()
+    chosen = {c[3]: c[1] for c in candidates[:args.sample]}
+    total = len(candidates)
+    for s, (_, _, db) in enumerate(sessions):
+        with use_db(str(db), WorkDB.Mode.open) as work_db:
+            for _, key, owner, job in candidates:
+                if owner != s:
+                    continue
+                if job not in chosen:
+                    work_db.set_result(job, WorkResult(worker_outcome=WorkerOutcome.SKIPPED,
+                                                       output="not in sample"))
+                elif key in equivalents:
+                    work_db.set_result(job, WorkResult(worker_outcome=WorkerOutcome.SKIPPED,
+                                                       output="equivalent: " + equivalents[key]))
+    print(f"{total} mutants after the operator filter; sample of {len(chosen)} (seed {args.seed!r})")
+    if args.list:
+        for key in sorted(chosen.values()):
+            print(("[equivalent] " if key in equivalents else "") + key)
+        return 0
+
+    # 3. Run the sample on the workers, one session after another.
+    procs, _ = start_workers(workdir, args.workers, args.port)
+    started = time.time()
+    try:
+        for entry, config, db in sessions:
+            if args.module and not any(m in entry["paths"] for m in args.module):
+                continue
+            print(f"== {' '.join(entry['paths'])}", flush=True)
+            cosmic_ray("exec", str(config), str(db))
+    finally:
+        for p in procs:
+            p.terminate()
+        for p in procs:
+            p.wait()
+    elapsed = time.time() - started
+
+    # 4. Scores and survivors.
+    ran = [s for s in sessions if not args.module or any(m in s[0]["paths"] for m in args.module)]
+    return report(ran, chosen, equivalents, workdir, elapsed, args.min_score)
+
+
+def report(sessions, chosen, equivalents, workdir, elapsed, min_score) -> int:
+    """Print and write the per-module score table and every survivor's diff."""
+    from cosmic_ray.work_db import WorkDB, use_db
+    from cosmic_ray.work_item import TestOutcome
+
+    rows, survivors = [], []
+    killed_all = scored_all = 0
+    for entry, _, db in sessions:
+        counts = {"sampled": 0, "equivalent": 0, "killed": 0, "survived": 0, "incompetent": 0}
+        with use_db(str(db), WorkDB.Mode.open) as work_db:
+            for item, result in work_db.completed_work_items:
+                if item.job_id not in chosen:
+                    continue
+                counts["sampled"] += 1
+                key = chosen[item.job_id]
+                if key in equivalents:
+                    counts["equivalent"] += 1
+                elif result.test_outcome == TestOutcome.SURVIVED:
+                    counts["survived"] += 1
+                    survivors.append((key, result.diff or ""))
+                elif result.test_outcome == TestOutcome.INCOMPETENT:
+                    counts["incompetent"] += 1
+                else:
+                    counts["killed"] += 1
+        scored = counts["killed"] + counts["survived"]
+        killed_all += counts["killed"]
+        scored_all += scored
+        score = counts["killed"] / scored if scored else 1.0
+        rows.append(f"| {', '.join(entry['paths'])} | {counts['sampled']} | {counts['equivalent']} "
+                    f"| {counts['incompetent']} | {counts['killed']} | {counts['survived']} "
+                    f"| {score:.0%} |")
+    total = killed_all / scored_all if scored_all else 1.0
+    out = ["| modules | sampled | equivalent | incompetent | killed | survived | score |",
+           "|---|---|---|---|---|---|---|", *rows,
+           f"| **all** | | | | {killed_all} | {scored_all - killed_all} | **{total:.1%}** |", "",
+           f"Wall time {elapsed / 60:.1f} min. Score = killed / (killed + survived); equivalent "
+           "mutants (mutation/equivalent.toml) and incompetent ones (the mutated code does not "
+           "import) count neither way.", ""]
+    if survivors:
+        out.append("## Surviving mutants\n")
+        for key, diff in sorted(survivors):
+            out += [f"key = {json.dumps(key)}", "```diff", diff.strip(), "```", ""]
+    text = "\n".join(out)
+    print(text)
+    (workdir / "report.md").write_text(text)
+    return 0 if total >= min_score else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
