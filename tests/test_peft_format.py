@@ -184,6 +184,24 @@ def test_dora_magnitude_vector(base, tmp_path):
     np.testing.assert_array_equal(got.magnitude, as_bf16.astype(np.float32))
 
 
+def test_loaded_dora_matches_numpy_in_hf_layout(base, tmp_path):
+    """PEFT's DoRA from the file's tensors alone: V = W + s B A ([out, in]), n = ||V|| per row,
+    y = x V^T * m / n."""
+    pf.save_adapter(lora_params(base, rank=4, alpha=12.0, dora=True), CFG, tmp_path, method="dora")
+    config, tensors = saved(tmp_path)
+    key = PRE + "1.self_attn.q_proj"
+    a = tensors[key + ".lora_A.weight"].astype(np.float64)  # [r, in]
+    b = tensors[key + ".lora_B.weight"].astype(np.float64)  # [out, r]
+    m = tensors[key + ".lora_magnitude_vector"].astype(np.float64)  # [out]
+    w = np.asarray(base["layers_1"]["attn"]["q"]["kernel"], np.float64).T  # HF [out, in]
+    v = w + config["lora_alpha"] / config["r"] * b @ a
+    x = np.random.default_rng(5).standard_normal((5, CFG.hidden))
+    want = (x @ v.T) * (m / np.linalg.norm(v, axis=1))
+    node = pf.load_adapter(base, tmp_path)["layers_1"]["attn"]["q"]["kernel"]
+    got = ops.linear(jnp.asarray(x, jnp.float32), node, jnp.float32)
+    np.testing.assert_allclose(np.asarray(got), want, rtol=1e-5, atol=1e-5)
+
+
 # ----------------------------------------------------------------------------- IA3
 
 
@@ -209,6 +227,25 @@ def test_ia3_shapes_and_round_trip(base, tmp_path):
     assert [n.side for n in got] == [n.side for n in original]
     for g, w in zip(got, original):
         np.testing.assert_array_equal(g.ia3, np.asarray(w.ia3))
+
+
+def test_loaded_ia3_matches_numpy_in_hf_layout(base, tmp_path):
+    """PEFT's IA3 from the file's tensors: k/v scale the projection's output by ia3_l (out, 1);
+    down_proj scales its input by ia3_l (1, in)."""
+    pf.save_adapter(randomized(ia3.inject(base), seed=6), CFG, tmp_path, method="ia3")
+    _, tensors = saved(tmp_path)
+    loaded = pf.load_adapter(base, tmp_path)
+    rng = np.random.default_rng(7)
+    for name, module, width in (("k", "self_attn.k_proj", CFG.hidden),
+                                ("down", "mlp.down_proj", CFG.mlp)):
+        group = "mlp" if name == "down" else "attn"
+        w = np.asarray(base["layers_0"][group][name]["kernel"], np.float64).T  # HF [out, in]
+        scale = tensors[f"{PRE}0.{module}.ia3_l"].astype(np.float64)
+        x = rng.standard_normal((5, width))
+        want = (x * scale[0]) @ w.T if name == "down" else (x @ w.T) * scale[:, 0]
+        got = ops.linear(jnp.asarray(x, jnp.float32), loaded["layers_0"][group][name]["kernel"],
+                         jnp.float32)
+        np.testing.assert_allclose(np.asarray(got), want, rtol=1e-5, atol=1e-5, err_msg=name)
 
 
 # ----------------------------------------------------------------------------- prompts
