@@ -40,11 +40,23 @@ HERE = Path(__file__).resolve().parent
 COPIED = ("ptjax", "tests", "configs", "launch.py", "pyproject.toml")
 
 
-def mutant_key(mutation, lines_of) -> str:
-    """`module:operator:line text:column`, stable under edits elsewhere in the file."""
-    line, col = mutation.start_pos
-    text = lines_of(str(mutation.module_path))[line - 1].strip()
-    return f"{mutation.module_path}:{mutation.operator_name}:{text}:{col}"
+def mutant_keys(work_db, lines_of) -> dict[str, str]:
+    """{job id: key} for every mutant of a session. A key is `module:operator:line text:column`,
+    stable under edits elsewhere in the file; mutants sharing one (NumberReplacer's +1 and -1 of
+    the same number) get `#1`, `#2`, ... in cosmic-ray's occurrence order."""
+    items = sorted(work_db.work_items, key=lambda it: (str(it.mutations[0].module_path),
+                                                       it.mutations[0].operator_name,
+                                                       it.mutations[0].occurrence))
+    keys, seen = {}, {}
+    for item in items:
+        m = item.mutations[0]
+        line, col = m.start_pos
+        text = lines_of(str(m.module_path))[line - 1].strip()
+        key = f"{m.module_path}:{m.operator_name}:{text}:{col}"
+        n = seen.get(key, 0)
+        seen[key] = n + 1
+        keys[item.job_id] = key if n == 0 else f"{key}#{n}"
+    return keys
 
 
 def load_equivalents() -> dict[str, str]:
@@ -99,15 +111,24 @@ def start_workers(workdir: Path, n: int, base_port: int) -> tuple[list, list[str
                    JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
         port = base_port + i
         log = open(workdir / f"worker{i}.log", "w")
-        procs.append(subprocess.Popen(
-            [sys.executable, "-m", "cosmic_ray.cli", "http-worker", "--port", str(port)],
-            cwd=tree, env=env, stdout=log, stderr=subprocess.STDOUT))
+        procs.append(subprocess.Popen([sys.executable, __file__, "--serve", str(port)],
+                                      cwd=tree, env=env, stdout=log, stderr=subprocess.STDOUT))
         urls.append(f"http://127.0.0.1:{port}")
     time.sleep(3)
     for p in procs:
         if p.poll() is not None:
             raise SystemExit(f"a cosmic-ray http-worker exited at start; see {workdir}/worker*.log")
     return procs, urls
+
+
+def serve(port: int):
+    """cosmic-ray's http worker (`cosmic-ray http-worker`), listening on loopback only."""
+    from aiohttp import web
+    from cosmic_ray.distribution.http import handle_mutate_and_test
+
+    app = web.Application()
+    app.add_routes([web.post("/", handle_mutate_and_test)])
+    web.run_app(app, host="127.0.0.1", port=port)
 
 
 def cosmic_ray(*args, cwd=ROOT):
@@ -125,7 +146,15 @@ def main(argv=None) -> int:
     parser.add_argument("--workdir", default=str(ROOT / "mutation" / ".work"))
     parser.add_argument("--list", action="store_true", help="print the sample and exit")
     parser.add_argument("--min-score", type=float, default=0.9)
+    parser.add_argument("--only-survivors", action="store_true",
+                        help="run only the sampled mutants that survived the last run")
+    parser.add_argument("--report-only", action="store_true",
+                        help="record and report the sessions of WORKDIR without running anything")
+    parser.add_argument("--serve", type=int, help=argparse.SUPPRESS)  # internal: one worker
     args = parser.parse_args(argv)
+    if args.serve:
+        serve(args.serve)
+        return 0
 
     from cosmic_ray.work_db import WorkDB, use_db
     from cosmic_ray.work_item import WorkerOutcome, WorkResult
@@ -138,6 +167,23 @@ def main(argv=None) -> int:
     equivalents = load_equivalents()
     urls = [f"http://127.0.0.1:{args.port + i}" for i in range(args.workers)]
 
+    lines: dict[str, list[str]] = {}
+
+    def lines_of(path):
+        if path not in lines:
+            lines[path] = (ROOT / path).read_text().splitlines()
+        return lines[path]
+
+    ledger_path = workdir / "results.json"  # key -> outcome, over this and earlier runs
+    ledger = json.loads(ledger_path.read_text()) if ledger_path.exists() else {}
+    if args.report_only:
+        sessions = [(e, workdir / f"session{i}.toml", workdir / f"session{i}.sqlite")
+                    for i, e in enumerate(entries)]
+        chosen = sample_in_sessions(sessions, lines_of)
+        record(sessions, chosen, ledger)
+        ledger_path.write_text(json.dumps(ledger, indent=1, sort_keys=True))
+        return report(entries, chosen, equivalents, ledger, workdir, None, args.min_score)
+
     # 1. One session per entry with every mutant, operators filtered as cosmic-ray's filter does.
     sessions = []
     for i, entry in enumerate(entries):
@@ -149,29 +195,26 @@ def main(argv=None) -> int:
         sessions.append((entry, config, db))
 
     # 2. The seeded sample across all sessions; the rest (and known equivalents) are skipped.
-    lines: dict[str, list[str]] = {}
-
-    def lines_of(path):
-        if path not in lines:
-            lines[path] = (ROOT / path).read_text().splitlines()
-        return lines[path]
-
     candidates = []  # (hash, key, session index, job id)
     for s, (_, _, db) in enumerate(sessions):
         with use_db(str(db), WorkDB.Mode.open) as work_db:
+            keys = mutant_keys(work_db, lines_of)
             for item in work_db.pending_work_items:
-                key = mutant_key(item.mutations[0], lines_of)
+                key = keys[item.job_id]
                 digest = hashlib.sha256(f"{args.seed}|{key}".encode()).hexdigest()
                 candidates.append((digest, key, s, item.job_id))
     candidates.sort()
     chosen = {c[3]: c[1] for c in candidates[:args.sample]}
+    run_keys = set(chosen.values())
+    if args.only_survivors:
+        run_keys = {k for k in run_keys if ledger.get(k, {}).get("outcome") == "survived"}
     total = len(candidates)
     for s, (_, _, db) in enumerate(sessions):
         with use_db(str(db), WorkDB.Mode.open) as work_db:
             for _, key, owner, job in candidates:
                 if owner != s:
                     continue
-                if job not in chosen:
+                if job not in chosen or key not in run_keys:
                     work_db.set_result(job, WorkResult(worker_outcome=WorkerOutcome.SKIPPED,
                                                        output="not in sample"))
                 elif key in equivalents:
@@ -200,48 +243,75 @@ def main(argv=None) -> int:
     elapsed = time.time() - started
 
     # 4. Scores and survivors.
-    ran = [s for s in sessions if not args.module or any(m in s[0]["paths"] for m in args.module)]
-    return report(ran, chosen, equivalents, workdir, elapsed, args.min_score)
+    if not args.module and not args.only_survivors:
+        ledger = {}  # a full run replaces every earlier result
+    record(sessions, chosen, ledger)
+    ledger_path.write_text(json.dumps(ledger, indent=1, sort_keys=True))
+    return report(entries, chosen, equivalents, ledger, workdir, elapsed, args.min_score)
 
 
-def report(sessions, chosen, equivalents, workdir, elapsed, min_score) -> int:
-    """Print and write the per-module score table and every survivor's diff."""
+def sample_in_sessions(sessions, lines_of) -> dict[str, str]:
+    """{job id: key} of the sampled mutants recorded in existing session databases."""
     from cosmic_ray.work_db import WorkDB, use_db
-    from cosmic_ray.work_item import TestOutcome
 
-    rows, survivors = [], []
-    killed_all = scored_all = 0
-    for entry, _, db in sessions:
-        counts = {"sampled": 0, "equivalent": 0, "killed": 0, "survived": 0, "incompetent": 0}
+    chosen = {}
+    for _, _, db in sessions:
+        with use_db(str(db), WorkDB.Mode.open) as work_db:
+            done = {item.job_id: result for item, result in work_db.completed_work_items}
+            for job, key in mutant_keys(work_db, lines_of).items():
+                result = done.get(job)
+                if result is not None and result.output in ("not in sample", "Filtered operator"):
+                    continue
+                chosen[job] = key
+    return chosen
+
+
+def record(sessions, chosen, ledger):
+    """Add the outcome of every mutant this run executed to `ledger` (key -> outcome, diff)."""
+    from cosmic_ray.work_db import WorkDB, use_db
+    from cosmic_ray.work_item import WorkerOutcome
+
+    for _, _, db in sessions:
         with use_db(str(db), WorkDB.Mode.open) as work_db:
             for item, result in work_db.completed_work_items:
-                if item.job_id not in chosen:
+                if item.job_id not in chosen or result.worker_outcome == WorkerOutcome.SKIPPED:
                     continue
-                counts["sampled"] += 1
-                key = chosen[item.job_id]
-                if key in equivalents:
-                    counts["equivalent"] += 1
-                elif result.test_outcome == TestOutcome.SURVIVED:
-                    counts["survived"] += 1
-                    survivors.append((key, result.diff or ""))
-                elif result.test_outcome == TestOutcome.INCOMPETENT:
-                    counts["incompetent"] += 1
-                else:
-                    counts["killed"] += 1
+                outcome = result.test_outcome or result.worker_outcome
+                ledger[chosen[item.job_id]] = {"outcome": str(outcome.value),
+                                               "diff": result.diff or ""}
+
+
+def report(entries, chosen, equivalents, ledger, workdir, elapsed, min_score) -> int:
+    """Print and write the per-module score over the whole sample, and every survivor's diff."""
+    rows, survivors = [], []
+    killed_all = scored_all = 0
+    for entry in entries:
+        keys = [k for k in chosen.values()
+                if any(k.split(":")[0].startswith(p) for p in entry["paths"])]
+        counts = dict.fromkeys(("equivalent", "killed", "survived", "incompetent", "not run"), 0)
+        for key in keys:
+            if key in equivalents:
+                counts["equivalent"] += 1
+                continue
+            outcome = ledger.get(key, {}).get("outcome", "not run")
+            counts[outcome if outcome in counts else "incompetent"] += 1
+            if outcome == "survived":
+                survivors.append((key, ledger[key]["diff"]))
         scored = counts["killed"] + counts["survived"]
         killed_all += counts["killed"]
         scored_all += scored
         score = counts["killed"] / scored if scored else 1.0
-        rows.append(f"| {', '.join(entry['paths'])} | {counts['sampled']} | {counts['equivalent']} "
-                    f"| {counts['incompetent']} | {counts['killed']} | {counts['survived']} "
-                    f"| {score:.0%} |")
+        rows.append(f"| {', '.join(entry['paths'])} | {len(keys)} | {counts['equivalent']} "
+                    f"| {counts['incompetent']} | {counts['not run']} | {counts['killed']} "
+                    f"| {counts['survived']} | {score:.0%} |")
     total = killed_all / scored_all if scored_all else 1.0
-    out = ["| modules | sampled | equivalent | incompetent | killed | survived | score |",
-           "|---|---|---|---|---|---|---|", *rows,
-           f"| **all** | | | | {killed_all} | {scored_all - killed_all} | **{total:.1%}** |", "",
-           f"Wall time {elapsed / 60:.1f} min. Score = killed / (killed + survived); equivalent "
-           "mutants (mutation/equivalent.toml) and incompetent ones (the mutated code does not "
-           "import) count neither way.", ""]
+    out = ["| modules | sampled | equivalent | incompetent | not run | killed | survived | score |",
+           "|---|---|---|---|---|---|---|---|", *rows,
+           f"| **all** | {len(chosen)} | | | | {killed_all} | {scored_all - killed_all} "
+           f"| **{total:.1%}** |", "",
+           (f"This run: {elapsed / 60:.1f} min. " if elapsed else "") + "Score = killed / (killed + survived); equivalent "
+           "mutants (mutation/equivalent.toml) and incompetent ones (the mutated code fails to "
+           "import or the worker failed) count neither way.", ""]
     if survivors:
         out.append("## Surviving mutants\n")
         for key, diff in sorted(survivors):
