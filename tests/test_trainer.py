@@ -6,7 +6,12 @@ probability 2/9 and every other token 1/9. Loss, perplexity and accuracy then fo
 """
 
 import functools
+import itertools
+import json
 import math
+import os
+import struct
+import types
 
 import jax
 import jax.numpy as jnp
@@ -14,7 +19,8 @@ import numpy as np
 
 from ptjax import data as D
 from ptjax.models.config import ModelConfig
-from ptjax.train import sft, trainer
+from ptjax.train import optim, sft, trainer
+from ptjax.train.config import base_config
 
 V = 8
 CFG = ModelConfig(vocab_size=V, hidden=V, mlp=V, layers=1, heads=2, kv_heads=1, head_dim=4,
@@ -54,3 +60,95 @@ def test_evaluate_matches_hand_computation():
     np.testing.assert_allclose(got["eval/loss"], loss, rtol=1e-5)
     np.testing.assert_allclose(got["eval/perplexity"], math.exp(loss), rtol=1e-5)
     np.testing.assert_allclose(got["eval/accuracy"], 4 / 5, rtol=1e-6)
+
+
+def test_evaluate_edge_cases_one_token_none_and_overflow():
+    eval_fn = jax.jit(functools.partial(sft.eval_step, model_cfg=CFG))
+    single = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    one = D.pack([(np.array([3, 4], np.int32), np.array([0, 1], bool))], 6)  # 3 -> 4: 2/9
+    got = trainer.evaluate(eval_fn, _params(), [one], single)
+    np.testing.assert_allclose(got["eval/loss"], math.log(9 / 2), rtol=1e-5)
+    assert got["eval/accuracy"] == 1.0
+    none = D.pack([(np.array([3, 4], np.int32), np.array([0, 0], bool))], 6)
+    assert trainer.evaluate(eval_fn, _params(), [none], single) == {
+        "eval/loss": 0.0, "eval/perplexity": 1.0, "eval/accuracy": 0.0}
+    # A confidently wrong model: loss about 200 nats, perplexity capped at exp(50), not inf.
+    params = _params()
+    params["lm_head"]["kernel"] = params["lm_head"]["kernel"] * (200 / math.log(2))
+    wrong = D.pack([(np.array([3, 7], np.int32), np.array([0, 1], bool))], 6)
+    got = trainer.evaluate(eval_fn, params, [wrong], single)
+    np.testing.assert_allclose(got["eval/loss"], 200.0, rtol=1e-4)
+    assert got["eval/perplexity"] == math.exp(50.0)
+
+
+def _tensorboard_tags(workdir):
+    """Scalar tags in the run's TensorBoard event files (TFRecord framing, Event protos)."""
+    from tensorboardX.proto import event_pb2
+
+    tags = set()
+    folder = os.path.join(workdir, "tensorboard")
+    for name in os.listdir(folder):
+        data = open(os.path.join(folder, name), "rb").read()
+        at = 0
+        while at < len(data):
+            (length,) = struct.unpack("<Q", data[at:at + 8])
+            event = event_pb2.Event.FromString(data[at + 12:at + 12 + length])
+            tags |= {v.tag for v in event.summary.value}
+            at += 12 + length + 4
+    return tags
+
+
+def test_train_loop_logs_evaluates_checkpoints_on_schedule(tmp_path, monkeypatch, capfd):
+    """Five steps, logging and evaluating every 2 (and at the end), checkpointing every 2. A fake
+    clock that advances one second per read makes tokens/s exact: steps in the window x batch x
+    sequence length (the first step, which compiles, is left out of its window)."""
+    clock = itertools.count(1.0)
+    monkeypatch.setattr(trainer, "time", types.SimpleNamespace(perf_counter=lambda: next(clock)))
+    config = base_config()
+    config.model.preset = "tiny"
+    config.train.update(steps=5, batch_size=8, seq_len=32, log_every=2)
+    config.eval.update(every=2, max_batches=2)
+    config.checkpoint.update(every=2, keep=5, async_save=False)
+    config.optim.warmup_steps = 2
+    tok = D.ByteTokenizer()
+    records = D.instruction_records(80, seed=0)
+    examples = [D.encode_sft(r, tok, 32) for r in records[:60]]
+    held_out = [D.encode_sft(r, tok, 32) for r in records[60:]]
+    workdir = str(tmp_path)  # exists already: the run must accept that
+    result = trainer.train(config, workdir, examples, held_out, show_progress=True)
+    assert "5/5" in capfd.readouterr().err  # the progress bar ran to the end
+
+    rows = [json.loads(line) for line in open(os.path.join(workdir, "metrics.jsonl"))]
+    train_rows = [r for r in rows if "train/loss" in r]
+    eval_rows = [r for r in rows if "eval/loss" in r]
+    assert [r["step"] for r in train_rows] == [2, 4, 5]
+    assert [r["step"] for r in eval_rows] == [2, 4, 5]
+    assert [r["train/tokens_per_s"] for r in train_rows] == [1 * 8 * 32, 2 * 8 * 32, 1 * 8 * 32]
+    schedule = optim.learning_rate_schedule(config.optim, 5)
+    np.testing.assert_allclose([r["train/lr"] for r in train_rows],
+                               [schedule(1), schedule(3), schedule(4)], rtol=1e-6)
+    assert result.metrics["eval/loss"] == eval_rows[-1]["eval/loss"]
+    assert sorted(int(s) for s in os.listdir(os.path.join(workdir, "checkpoints"))) == [2, 4, 5]
+    assert os.path.getsize(os.path.join(workdir, "loss.png")) > 1000
+    assert {"train/loss", "train/grad_norm", "eval/loss", "eval/accuracy"} <= _tensorboard_tags(workdir)
+    assert json.load(open(os.path.join(workdir, "config.json")))["train"]["steps"] == 5
+
+
+def test_progress_bar_only_when_asked(tmp_path, capfd):
+    config = base_config()
+    config.model.preset = "tiny"
+    config.train.update(steps=1, batch_size=8, seq_len=32)
+    config.eval.every = 0
+    config.checkpoint.async_save = False
+    tok = D.ByteTokenizer()
+    examples = [D.encode_sft(r, tok, 32) for r in D.instruction_records(20, seed=0)]
+    trainer.train(config, str(tmp_path / "quiet"), examples, show_progress=False)
+    assert "1/1" not in capfd.readouterr().err
+
+
+def test_summary_is_written_whole_and_read_back(tmp_path):
+    path = str(tmp_path / "out" / "summary.json")
+    assert trainer.read_summary(path) == {}
+    trainer.write_summary(path, {"stages": {"sft": {"accuracy": 0.5}}})
+    assert trainer.read_summary(path) == {"stages": {"sft": {"accuracy": 0.5}}}
+    assert os.listdir(tmp_path / "out") == ["summary.json"]  # no temporary file left behind
