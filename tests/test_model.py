@@ -3,12 +3,15 @@
 import dataclasses
 
 import chex
+import flax.struct
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from ptjax import ops, tree
 from ptjax.models import llama
 from ptjax.models.config import preset
+from ptjax.nodes import WeightNode
 
 CFG = preset("tiny")
 PARAMS = llama.init_params(CFG, jax.random.key(0))
@@ -77,3 +80,48 @@ def test_init_shapes_and_float32_master_weights():
                       (CFG.hidden, CFG.kv_heads * CFG.head_dim))
     chex.assert_shape(PARAMS["lm_head"]["kernel"], (CFG.hidden, CFG.vocab_size))
     chex.assert_trees_all_equal_dtypes(PARAMS, jax.tree.map(lambda x: x.astype(jnp.float32), PARAMS))
+
+
+@flax.struct.dataclass
+class KeyProbe(WeightNode):
+    """Stands for a weight and reports (its path, the key data it was handed) to `SEEN`."""
+
+    base: object
+    path: str = flax.struct.field(pytree_node=False, default="")
+
+    def linear(self, x, dtype, rng=None):
+        if rng is not None:
+            jax.debug.callback(lambda k, p=self.path: SEEN.append((p, tuple(np.asarray(k)))),
+                               jax.random.key_data(rng))
+        return ops.linear(x, self.base, dtype)
+
+    def part_axes(self, axes):
+        return {"base": axes}
+
+
+SEEN = []
+
+
+def test_every_projection_draws_from_its_own_key():
+    """Training-time randomness (LoRA dropout) must not repeat across projections or layers:
+    each of the 7 projections of each layer gets a distinct key, none equal to the step's."""
+    probed = tree.map_with_path(
+        lambda p, w: KeyProbe(base=w, path=p) if p.endswith("kernel") and "layers_" in p else w,
+        PARAMS)
+    tokens = jnp.ones((1, 4), jnp.int32)
+    positions = jnp.arange(4)[None]
+    rng = jax.random.key(3)
+    SEEN.clear()
+    h = llama.hidden_states(probed, CFG, llama.embed_tokens(probed, CFG, tokens), positions,
+                            jnp.ones((1, 4), jnp.int32), rng=rng)
+    jax.block_until_ready(h)
+    jax.effects_barrier()
+    paths = [p for p, _ in SEEN]
+    assert len(paths) == 7 * CFG.layers == len(set(paths))
+    keys = {k for _, k in SEEN} | {tuple(np.asarray(jax.random.key_data(rng)))}
+    assert len(keys) == 7 * CFG.layers + 1
+    SEEN.clear()
+    llama.hidden_states(probed, CFG, llama.embed_tokens(probed, CFG, tokens), positions,
+                        jnp.ones((1, 4), jnp.int32))
+    jax.effects_barrier()
+    assert SEEN == []  # no key, no randomness: evaluation is deterministic
