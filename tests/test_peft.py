@@ -186,6 +186,13 @@ def test_accumulated_microbatches_draw_their_own_dropout_masks():
     diff = max(float(np.abs(np.asarray(a) - np.asarray(b)).max())
                for a, b in zip(jax.tree.leaves(g0), jax.tree.leaves(g1)))
     assert diff > 1e-3  # the two microbatches really used different masks
+    # Without accumulation the one microbatch is microbatch 0: the same masks as above.
+    single = jax.jit(functools.partial(sft.train_step, model_cfg=CFG, tx=tx))
+    new, _ = single(state, micro, rng)
+    applied = jax.tree.map(lambda a, b: np.asarray(b) - np.asarray(a), new.trainable,
+                           state.trainable)
+    want = jax.tree.map(lambda a: np.asarray(a) / micro["loss_mask"].sum(), g0)
+    chex.assert_trees_all_close(applied, want, rtol=1e-4, atol=1e-7)
 
 
 @pytest.fixture(scope="module")

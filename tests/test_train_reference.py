@@ -80,6 +80,8 @@ def test_sgd_update_is_minus_lr_times_the_mean_loss_gradient():
     np.testing.assert_allclose(m["grad_norm"], REF_NORM, rtol=1e-4)
     np.testing.assert_allclose(m["tokens"], BATCH["loss_mask"].sum())
     assert 20 < m["tokens"] < BATCH["loss_mask"].size  # a real subset of the positions
+    chex.assert_type(new.step, jnp.int32)
+    assert int(new.step) == 1
 
 
 def test_clipping_scales_the_update_to_the_clip_norm():
