@@ -17,9 +17,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+import optax
+
 from ptjax import data as D
-from ptjax.models.config import ModelConfig
+from ptjax import sharding
+from ptjax import tree as ptree
+from ptjax.models import llama
+from ptjax.models.config import ModelConfig, preset
 from ptjax.train import optim, sft, trainer
+from ptjax.train import state as state_lib
 from ptjax.train.config import base_config
 
 V = 8
@@ -152,3 +158,29 @@ def test_summary_is_written_whole_and_read_back(tmp_path):
     trainer.write_summary(path, {"stages": {"sft": {"accuracy": 0.5}}})
     assert trainer.read_summary(path) == {"stages": {"sft": {"accuracy": 0.5}}}
     assert os.listdir(tmp_path / "out") == ["summary.json"]  # no temporary file left behind
+
+
+def test_train_step_donates_the_state_only(tmp_path):
+    config = base_config()
+    cfg = preset("tiny")
+    mesh = sharding.make_mesh({"data": -1})
+    rules = [tuple(r) for r in config.sharding_rules]
+    shapes = jax.eval_shape(lambda k: llama.init_params(cfg, k), jax.random.key(0))
+    params = jax.tree.map(lambda s: jnp.full(s.shape, 0.01, s.dtype), shapes)
+    tx = optax.sgd(0.1)
+    state = state_lib.create(params, ptree.select(params, ".*"), tx, seed=0)
+    shardings = sharding.param_shardings(jax.eval_shape(lambda: state), mesh, rules)
+    state = jax.device_put(state, shardings)
+    batch_sharding = sharding.batch_sharding(mesh, rules)
+    tok = D.ByteTokenizer()
+    batch = next(D.PackedBatches([D.encode_sft(r, tok, 32) for r in D.instruction_records(40, 0)],
+                                 32, 8, seed=0))
+    batch = trainer.to_device(batch, batch_sharding)
+    rng = jax.random.key(1)
+    with sharding.use(mesh, rules):
+        step = trainer.jit_train_step(cfg, tx, 1, shardings, batch_sharding, mesh)
+        new, _ = step(state, batch, rng)
+    assert all(x.is_deleted() for x in jax.tree.leaves(state.trainable))
+    assert not any(x.is_deleted() for x in jax.tree.leaves(batch))
+    assert not jax.random.key_data(rng).is_deleted()
+    assert int(new.step) == 1

@@ -45,6 +45,16 @@ def to_device(batch: dict, sharding_: jax.sharding.Sharding) -> dict:
     return {k: jax.make_array_from_process_local_data(sharding_, v) for k, v in batch.items()}
 
 
+def jit_train_step(cfg: ModelConfig, tx, grad_accum: int, state_shardings, batch_sharding, mesh):
+    """`sft.train_step` jitted once for a run: explicit in/out shardings, and the incoming state
+    donated, so XLA writes the new params and optimizer state over the old ones (one copy in
+    memory, not two)."""
+    return jax.jit(functools.partial(sft.train_step, model_cfg=cfg, tx=tx, grad_accum=grad_accum),
+                   in_shardings=(state_shardings, batch_sharding, sharding.replicated(mesh)),
+                   out_shardings=(state_shardings, sharding.replicated(mesh)),
+                   donate_argnums=0)
+
+
 @dataclasses.dataclass
 class Result:
     """What a finished (or already complete) run hands back to its caller."""
@@ -102,11 +112,7 @@ def train(config, workdir: str, train_examples, eval_examples=(), init_params=No
 
     batch_sharding = sharding.batch_sharding(mesh, rules)
     with sharding.use(mesh, rules):
-        step_fn = jax.jit(
-            functools.partial(sft.train_step, model_cfg=cfg, tx=tx, grad_accum=tc.grad_accum),
-            in_shardings=(state_shardings, batch_sharding, sharding.replicated(mesh)),
-            out_shardings=(state_shardings, sharding.replicated(mesh)),
-            donate_argnums=0)
+        step_fn = jit_train_step(cfg, tx, tc.grad_accum, state_shardings, batch_sharding, mesh)
         eval_fn = jax.jit(functools.partial(sft.eval_step, model_cfg=cfg))
 
     train_examples = [peft.add_virtual_slots(e, config.peft) for e in train_examples]
