@@ -2,6 +2,7 @@
 cached generation with soft prompts equals the uncached forward."""
 
 import functools
+import re
 
 import chex
 import jax
@@ -320,3 +321,99 @@ def test_lora_on_any_node_composes():
     merged = lora.merge(ia3.merge(both))
     np.testing.assert_allclose(forward(merged, CFG, TOKENS), forward(both, CFG, TOKENS),
                                rtol=1e-5, atol=1e-5)
+
+
+# ----------------------------------------------------------------------------- config and init
+
+
+def _runtime(text):
+    """`text` as a fresh string object, as a command-line override delivers it (not interned)."""
+    return "".join(list(text))
+
+
+def test_apply_dispatches_on_method_names_read_at_run_time():
+    expected = {"full": None, "lora": lora.LoRA, "dora": lora.DoRA, "ia3": ia3.IA3,
+                "adapter": adapters.Adapter, "prompt": "prompt", "ptuning": "prompt",
+                "prefix": "prefix"}
+    for method, kind in expected.items():
+        params, trainable = peft.apply(BASE, CFG, peft_cfg(_runtime(method)), jax.random.key(2))
+        if kind is None:
+            assert trainable == ".*" and params is BASE
+        elif isinstance(kind, str):
+            assert set(params) == set(BASE) | {kind}, method
+        else:
+            found = {type(n) for n in nodes.nodes_of(params)}
+            assert found == {kind}, (method, found)
+    with pytest.raises(ValueError, match="peft.method: unknown method 'zzz'"):
+        peft.apply(BASE, CFG, peft_cfg("zzz"), jax.random.key(2))
+
+
+def test_full_fine_tuning_with_freeze_and_a_bad_regex():
+    _, trainable = peft.apply(BASE, CFG, peft_cfg("full", freeze="^embed/"), jax.random.key(2))
+    mask = dict(ptree.flatten_with_paths(ptree.select(BASE, trainable)))
+    assert not mask["embed/embedding"] and mask["layers_0/attn/q/kernel"]
+    with pytest.raises(re.error):
+        peft.apply(BASE, CFG, peft_cfg("full", freeze="(unclosed"), jax.random.key(2))
+
+
+@pytest.mark.parametrize("n,front", [(4, 2), (5, 2), (6, 3)])
+def test_virtual_slots_split_ptuning_tokens_around_the_prompt(n, front):
+    ids, mask = np.arange(1, 8), np.asarray([0, 0, 0, 0, 1, 1, 1], bool)
+    got, _ = peft.add_virtual_slots((ids, mask), peft_cfg("ptuning", num_virtual=n))
+    want = np.concatenate([[1], -np.arange(1, front + 1), [2, 3, 4],
+                           -np.arange(front + 1, n + 1), [5, 6, 7]])
+    np.testing.assert_array_equal(got, want)
+    for method in ("full", "lora", "dora", "ia3", "adapter", "prefix"):
+        same = peft.add_virtual_slots((ids, mask), peft_cfg(method, num_virtual=n))
+        assert same[0] is ids and same[1] is mask, method  # no slots for these methods
+
+
+def test_adapter_init_is_identity_with_small_random_down_projection():
+    params = adapters.inject(BASE, jax.random.key(0), bottleneck=32)
+    node = params["layers_0"]["mlp"]["down"]["kernel"]
+    assert abs(float(np.std(node.down)) - 1e-3) < 1e-4
+    assert not np.any(node.up) and not np.any(node.up_bias) and not np.any(node.down_bias)
+
+
+def test_soft_prompt_initializations():
+    table = np.asarray(BASE["embed"]["embedding"])
+    key = jax.random.key(4)
+    random = prompts.init_prompt_tuning(BASE, CFG, key, n=64, init=_runtime("random"))
+    assert abs(np.std(random["prompt"]["embeddings"]) / np.std(table) - 1) < 0.1
+    vocab = np.asarray(prompts.init_prompt_tuning(BASE, CFG, key, n=8, init=_runtime("vocab"))
+                       ["prompt"]["embeddings"])
+    rows = [int(np.argmin(np.abs(table - row).sum(-1))) for row in vocab]
+    np.testing.assert_array_equal(vocab, table[rows])
+    assert min(rows) >= 3 and len(set(rows)) > 1  # sampled rows, never pad/bos/eos
+    text = prompts.init_prompt_tuning(BASE, CFG, key, n=5, init=_runtime("text"),
+                                      text_ids=[10, 11])
+    np.testing.assert_array_equal(text["prompt"]["embeddings"], table[[10, 11, 10, 11, 10]])
+    for bad in ("zzz", "aaa"):
+        with pytest.raises(ValueError, match=f"unknown prompt init '{bad}'"):
+            prompts.init_prompt_tuning(BASE, CFG, key, n=4, init=bad)
+    with pytest.raises(ValueError, match="non-empty text"):
+        prompts.init_prompt_tuning(BASE, CFG, key, n=4, init="text", text_ids=[])
+
+    mlp = prompts.init_ptuning(BASE, CFG, key, n=64, encoder=_runtime("mlp"), hidden=8)
+    assert abs(float(np.std(mlp["prompt"]["inputs"])) - 0.02) < 0.002
+    assert set(mlp["prompt"]["encoder"]) == {"hidden", "out"}
+    lstm = prompts.init_ptuning(BASE, CFG, key, n=4, encoder=_runtime("lstm"), hidden=8)
+    assert set(lstm["prompt"]["encoder"]) == {"lstm_forward", "lstm_backward", "hidden", "out"}
+    assert prompts.encoder_kind(lstm["prompt"]["encoder"]) == "lstm"
+    assert prompts.encoder_kind(mlp["prompt"]["encoder"]) == "mlp"
+    # The LSTM really runs: changing a cell changes the virtual tokens (a tree misread as an
+    # MLP's would ignore the cells).
+    enc = lstm["prompt"]["encoder"]
+    bumped = {**enc, "lstm_backward": jax.tree.map(lambda x: x + 0.5, enc["lstm_backward"])}
+    delta = (prompts.virtual_tokens({**lstm["prompt"], "encoder": bumped})
+             - prompts.virtual_tokens(lstm["prompt"]))
+    assert float(jnp.abs(delta).max()) > 1e-3
+    for bad in ("zzz", "aaa"):
+        with pytest.raises(ValueError, match=f"unknown P-tuning encoder '{bad}'"):
+            prompts.init_ptuning(BASE, CFG, key, n=4, encoder=bad, hidden=8)
+
+    direct = prompts.init_prefix(BASE, CFG, key, n=64, reparam_hidden=0)["prefix"]
+    assert set(direct) == {"embeddings"}
+    assert abs(float(np.std(direct["embeddings"])) - 0.02) < 0.002
+    assert set(prompts.init_prefix(BASE, CFG, key, n=4, reparam_hidden=-1)["prefix"]) == {"embeddings"}
+    assert set(prompts.init_prefix(BASE, CFG, key, n=4, reparam_hidden=1)["prefix"]) == {"inputs", "mlp"}

@@ -285,6 +285,14 @@ def test_p_tuning_saves_encoder_output_only(base, tmp_path):
     assert set(pf.load_adapter(base, tmp_path)["prompt"]) == {"embeddings"}
 
 
+def test_p_tuning_lstm_encoder_is_named_in_the_config(base, tmp_path):
+    init = jax.jit(lambda key: prompts.init_ptuning({}, CFG, key, n=3, encoder="lstm", hidden=16))
+    pf.save_adapter({**base, **init(jax.random.key(8))}, CFG, tmp_path, method="p_tuning")
+    config, _ = saved(tmp_path)
+    assert config["encoder_reparameterization_type"] == "LSTM"
+    assert config["encoder_hidden_size"] == 16
+
+
 def with_prefix(base, n):
     """Direct prefix values, as `prompts.init_prefix` makes without a reparameterization MLP."""
     values = np.random.default_rng(9).standard_normal((n, prompts.prefix_width(CFG)))

@@ -300,7 +300,7 @@ def _prompt_method_fields(part, method: str, token_dim: int) -> dict:
     if encoder is None:
         return {"encoder_reparameterization_type": "MLP", "encoder_hidden_size": token_dim,
                 "encoder_num_layers": 2, "encoder_dropout": 0.0}
-    return {"encoder_reparameterization_type": "LSTM" if "Bidirectional_0" in encoder else "MLP",
+    return {"encoder_reparameterization_type": prompts.encoder_kind(encoder).upper(),
             "encoder_hidden_size": int(encoder["hidden"]["kernel"].shape[1]),
             "encoder_num_layers": 2, "encoder_dropout": 0.0}
 

@@ -27,6 +27,14 @@ TRAINABLE = r"^(prompt|prefix)/"
 # ----------------------------------------------------------------------------- encoders
 
 
+LSTM_CELLS = ("lstm_forward", "lstm_backward")
+
+
+def encoder_kind(encoder_params) -> str:
+    """"lstm" or "mlp": which P-tuning encoder a parameter tree belongs to."""
+    return "lstm" if LSTM_CELLS[0] in encoder_params else "mlp"
+
+
 class PromptEncoder(nn.Module):
     """P-tuning's encoder: (bi-LSTM +) two-layer MLP over learned input embeddings."""
 
@@ -38,8 +46,9 @@ class PromptEncoder(nn.Module):
     def __call__(self, inputs):  # [n, d] -> [n, out_dim]
         x = inputs
         if self.kind == "lstm":
-            bi = nn.Bidirectional(nn.RNN(nn.OptimizedLSTMCell(self.hidden)),
-                                  nn.RNN(nn.OptimizedLSTMCell(self.hidden)))
+            # Named cells: their parameters are what tells an LSTM encoder's tree from an MLP's.
+            bi = nn.Bidirectional(nn.RNN(nn.OptimizedLSTMCell(self.hidden, name=LSTM_CELLS[0])),
+                                  nn.RNN(nn.OptimizedLSTMCell(self.hidden, name=LSTM_CELLS[1])))
             x = bi(x[None])[0]
         elif self.kind != "mlp":
             raise ValueError(f"peft.encoder: unknown P-tuning encoder {self.kind!r}; "
@@ -113,7 +122,7 @@ def virtual_tokens(prompt) -> jax.Array:
     """[n, hidden] virtual token embeddings from `params["prompt"]` (direct or encoded)."""
     if "embeddings" in prompt:
         return prompt["embeddings"]
-    kind = "lstm" if "Bidirectional_0" in prompt["encoder"] else "mlp"
+    kind = encoder_kind(prompt["encoder"])
     hidden = prompt["encoder"]["hidden"]["kernel"].shape[1]
     out_dim = prompt["inputs"].shape[1]
     return PromptEncoder(kind, hidden, out_dim).apply({"params": prompt["encoder"]},
