@@ -417,3 +417,19 @@ def test_soft_prompt_initializations():
     assert abs(float(np.std(direct["embeddings"])) - 0.02) < 0.002
     assert set(prompts.init_prefix(BASE, CFG, key, n=4, reparam_hidden=-1)["prefix"]) == {"embeddings"}
     assert set(prompts.init_prefix(BASE, CFG, key, n=4, reparam_hidden=1)["prefix"]) == {"inputs", "mlp"}
+
+
+def test_ia3_vectors_follow_their_side_of_the_weight():
+    """Output-side vectors shard like the weight's output axis, input-side like its input axis;
+    a node built with `side` from a run-time string scales its input."""
+    mesh = sharding.make_mesh({"data": 2, "fsdp": 2, "tensor": 2})
+    sh = sharding.param_shardings(ia3.inject(BASE), mesh, sharding.DEFAULT_RULES)
+    P = jax.sharding.PartitionSpec
+    assert sh["layers_0"]["attn"]["k"]["kernel"].ia3.spec == P("tensor")  # kv heads
+    assert sh["layers_0"]["mlp"]["down"]["kernel"].ia3.spec == P("tensor")  # mlp hidden
+    base = jnp.asarray(np.random.default_rng(0).standard_normal((3, 2)), jnp.float32)
+    scale = jnp.asarray([2.0, -1.0, 0.5])
+    x = jnp.asarray(np.random.default_rng(1).standard_normal((4, 3)), jnp.float32)
+    node = ia3.IA3(base=base, ia3=scale, side=_runtime("input"))
+    np.testing.assert_allclose(node.linear(x, jnp.float32), (x * scale) @ base, rtol=1e-6)
+    np.testing.assert_allclose(node.materialize(), scale[:, None] * base, rtol=1e-6)
