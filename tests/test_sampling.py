@@ -263,3 +263,49 @@ def test_every_step_draws_an_independent_token():
         assert _chi_square(np.bincount(shift, minlength=vocab), uniform) < bound, step
         assert np.mean(out[:, step + 1] == out[:, step]) < 5.0 / vocab, step
     assert len({tuple(row) for row in out}) > 0.99 * n  # whole sequences differ across rows
+
+
+def test_generate_text_sampling_follows_the_documented_batches_and_keys():
+    """Batch j of `batch_size` rows (dummy BOS rows filling the last) samples with
+    fold_in(key(seed), j), prompts left-padded to a multiple of 16; defaults: no top-k/top-p."""
+    tok = ByteTokenizer()
+    prompts = ["ab", "hello", "xyz"]
+    got = sampling.generate_text(PARAMS, CFG, tok, prompts, max_new_tokens=6, temperature=1.0,
+                                 seed=5, batch_size=2)
+    fn = sampling.make_generate_fn(CFG, 6, 1.0, 0, 1.0, tok.eos_id, tok.pad_id)
+    want = []
+    for j, batch in enumerate([prompts[:2], prompts[2:] + [None]]):
+        rows = [np.asarray([tok.bos_id] + (tok.encode(p) if p else []), np.int32) for p in batch]
+        tokens, mask = sampling.left_pad(rows, 16, tok.pad_id)
+        out = np.asarray(fn(PARAMS, tokens, mask, jax.random.fold_in(jax.random.key(5), j))["tokens"])
+        for row, p in zip(out.tolist(), batch):
+            if p is not None:
+                want.append(tok.decode(row[:row.index(tok.eos_id)] if tok.eos_id in row else row))
+    assert got == want
+    greedy = sampling.generate_text(PARAMS, CFG, tok, prompts, max_new_tokens=6, batch_size=2)
+    assert got != greedy  # it sampled
+
+
+def test_sampling_entry_points_take_options_by_keyword_only():
+    tok = ByteTokenizer()
+    with pytest.raises(TypeError):
+        sampling.generate_text(PARAMS, CFG, tok, ["a"], 4)
+    with pytest.raises(TypeError):
+        sampling.generate(PARAMS, CFG, TOKENS, MASK, jax.random.key(0), 4)
+
+
+def test_left_pad_fits_exactly_and_refuses_longer():
+    tokens, mask = sampling.left_pad([np.arange(1, 5), np.arange(1, 3)], 4, 0)
+    np.testing.assert_array_equal(tokens, [[1, 2, 3, 4], [0, 0, 1, 2]])
+    np.testing.assert_array_equal(mask, [[1, 1, 1, 1], [0, 0, 1, 1]])
+    with pytest.raises(ValueError, match="length 5 does not fit in 4"):
+        sampling.left_pad([np.arange(5)], 4, 0)
+
+
+def test_filter_logits_on_leading_axes():
+    logits = np.random.default_rng(9).normal(size=(3, 4, 50)).astype(np.float32) * 2.0
+    out = np.asarray(sampling.filter_logits(jnp.asarray(logits), 10, 0.6))
+    for i in range(3):
+        for j in range(4):
+            keep = _numpy_filter(logits[i, j].astype(np.float64), 10, 0.6)
+            np.testing.assert_array_equal(out[i, j] > -1e30, keep, err_msg=f"{i},{j}")
