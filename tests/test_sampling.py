@@ -265,14 +265,24 @@ def test_every_step_draws_an_independent_token():
     assert len({tuple(row) for row in out}) > 0.99 * n  # whole sequences differ across rows
 
 
-def test_generate_text_sampling_follows_the_documented_batches_and_keys():
+def test_generate_text_sampling_follows_the_documented_batches_and_keys(monkeypatch):
     """Batch j of `batch_size` rows (dummy BOS rows filling the last) samples with
     fold_in(key(seed), j), prompts left-padded to a multiple of 16; defaults: no top-k/top-p."""
     tok = ByteTokenizer()
     prompts = ["ab", "hello", "xyz"]
-    got = sampling.generate_text(PARAMS, CFG, tok, prompts, max_new_tokens=6, temperature=1.0,
-                                 seed=5, batch_size=2)
     fn = sampling.make_generate_fn(CFG, 6, 1.0, 0, 1.0, tok.eos_id, tok.pad_id)
+    shapes = []
+
+    def recording(*args):
+        inner = sampling.make_generate_fn(*args)
+        return lambda params, tokens, mask, rng: shapes.append(tokens.shape) or inner(
+            params, tokens, mask, rng)
+
+    with monkeypatch.context() as m:
+        m.setattr(sampling, "make_generate_fn", recording)
+        got = sampling.generate_text(PARAMS, CFG, tok, prompts, max_new_tokens=6,
+                                     temperature=1.0, seed=5, batch_size=2)
+    assert shapes == [(2, 16), (2, 16)]  # every call is one full batch of batch_size rows
     want = []
     for j, batch in enumerate([prompts[:2], prompts[2:] + [None]]):
         rows = [np.asarray([tok.bos_id] + (tok.encode(p) if p else []), np.int32) for p in batch]
