@@ -271,10 +271,10 @@ def test_generate_text_sampling_follows_the_documented_batches_and_keys(monkeypa
     tok = ByteTokenizer()
     prompts = ["ab", "hello", "xyz"]
     fn = sampling.make_generate_fn(CFG, 6, 1.0, 0, 1.0, tok.eos_id, tok.pad_id)
-    shapes = []
+    shapes, original = [], sampling.make_generate_fn
 
     def recording(*args):
-        inner = sampling.make_generate_fn(*args)
+        inner = original(*args)
         return lambda params, tokens, mask, rng: shapes.append(tokens.shape) or inner(
             params, tokens, mask, rng)
 
