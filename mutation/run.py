@@ -147,7 +147,8 @@ def main(argv=None) -> int:
     parser.add_argument("--list", action="store_true", help="print the sample and exit")
     parser.add_argument("--min-score", type=float, default=0.9)
     parser.add_argument("--only-survivors", action="store_true",
-                        help="run only the sampled mutants that survived the last run")
+                        help="run only the sampled mutants that survived earlier runs or have "
+                             "no result yet (new tests, edited lines)")
     parser.add_argument("--report-only", action="store_true",
                         help="record and report the sessions of WORKDIR without running anything")
     parser.add_argument("--serve", type=int, help=argparse.SUPPRESS)  # internal: one worker
@@ -168,10 +169,13 @@ def main(argv=None) -> int:
     urls = [f"http://127.0.0.1:{args.port + i}" for i in range(args.workers)]
 
     lines: dict[str, list[str]] = {}
+    # Keys read the source the sessions were made from: the tree now, or for --report-only the
+    # copy the workers ran (the tree may have been edited since).
+    source = workdir / "worker0" if args.report_only and (workdir / "worker0").exists() else ROOT
 
     def lines_of(path):
         if path not in lines:
-            lines[path] = (ROOT / path).read_text().splitlines()
+            lines[path] = (source / path).read_text().splitlines()
         return lines[path]
 
     ledger_path = workdir / "results.json"  # key -> outcome, over this and earlier runs
@@ -207,7 +211,7 @@ def main(argv=None) -> int:
     chosen = {c[3]: c[1] for c in candidates[:args.sample]}
     run_keys = set(chosen.values())
     if args.only_survivors:
-        run_keys = {k for k in run_keys if ledger.get(k, {}).get("outcome") == "survived"}
+        run_keys = {k for k in run_keys if ledger.get(k, {}).get("outcome", "survived") == "survived"}
     total = len(candidates)
     for s, (_, _, db) in enumerate(sessions):
         with use_db(str(db), WorkDB.Mode.open) as work_db:
