@@ -72,6 +72,22 @@ def test_remat_changes_memory_not_gradients():
     g1 = grad(PARAMS, CFG)
     g2 = grad(PARAMS, dataclasses.replace(CFG, remat="full"))
     chex.assert_trees_all_close(g1, g2, rtol=1e-5, atol=1e-7)
+    # Remat happens exactly when asked for (the setting arrives as a run-time string).
+    for setting, layers in (("none", 0), ("".join(["fu", "ll"]), CFG.layers)):
+        jaxpr = str(jax.make_jaxpr(jax.grad(loss), static_argnums=1)(
+            PARAMS, dataclasses.replace(CFG, remat=setting)))
+        assert jaxpr.count("remat") >= layers, setting
+        if not layers:
+            assert "remat" not in jaxpr
+
+
+def test_virtual_token_ids_pick_their_prompt_rows():
+    """Id -1 is virtual token 0, -2 virtual token 1, ...; other ids are table rows."""
+    rows = np.arange(3 * CFG.hidden, dtype=np.float32).reshape(3, CFG.hidden)
+    params = {**PARAMS, "prompt": {"embeddings": jnp.asarray(rows)}}
+    got = llama.embed_tokens(params, CFG, jnp.asarray([[-1, -2, -3, 5]]))
+    np.testing.assert_array_equal(got[0, :3], rows)
+    np.testing.assert_array_equal(got[0, 3], PARAMS["embed"]["embedding"][5])
 
 
 def test_init_shapes_and_float32_master_weights():

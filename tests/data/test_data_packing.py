@@ -99,3 +99,11 @@ def test_empty_inputs():
     np.testing.assert_array_equal(out["inputs"], [[5, 0, 0, 0]])
     np.testing.assert_array_equal(out["segment_ids"], [[1, 0, 0, 0]])
     assert out["loss_mask"].sum() == 0  # a one-token example has nothing to predict
+
+
+def test_sequence_length_bounds():
+    rows = pack([(np.array([5, 6]), np.array([0, 1], bool))], 1)  # one token per row
+    np.testing.assert_array_equal(rows["inputs"], [[5]])
+    assert rows["loss_mask"].sum() == 0  # nothing left to predict inside the row
+    with pytest.raises(ValueError, match="seq_len must be at least 1, got 0"):
+        pack([(np.array([5, 6]), np.array([0, 1], bool))], 0)
