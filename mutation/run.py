@@ -208,6 +208,9 @@ def main(argv=None) -> int:
                 digest = hashlib.sha256(f"{args.seed}|{key}".encode()).hexdigest()
                 candidates.append((digest, key, s, item.job_id))
     candidates.sort()
+    stale = sorted(set(equivalents) - {c[1] for c in candidates})
+    if stale:
+        print("mutation/equivalent.toml names mutants that no longer exist:", *stale, sep="\n  ")
     chosen = {c[3]: c[1] for c in candidates[:args.sample]}
     run_keys = set(chosen.values())
     if args.only_survivors:

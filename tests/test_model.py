@@ -96,6 +96,14 @@ def test_init_shapes_and_float32_master_weights():
                       (CFG.hidden, CFG.kv_heads * CFG.head_dim))
     chex.assert_shape(PARAMS["lm_head"]["kernel"], (CFG.hidden, CFG.vocab_size))
     chex.assert_trees_all_equal_dtypes(PARAMS, jax.tree.map(lambda x: x.astype(jnp.float32), PARAMS))
+    # normal(0, 0.02), with the projections that feed the residual stream scaled by 1/sqrt(2L).
+    big = llama.init_params(dataclasses.replace(CFG, hidden=64, mlp=256), jax.random.key(1))
+    out_std = 0.02 / np.sqrt(2 * CFG.layers)
+    for path, want in (("attn/q", 0.02), ("mlp/up", 0.02), ("attn/o", out_std),
+                       ("mlp/down", out_std)):
+        group, name = path.split("/")
+        got = float(np.std(big["layers_0"][group][name]["kernel"]))
+        assert abs(got / want - 1) < 0.05, (path, got, want)
 
 
 @flax.struct.dataclass

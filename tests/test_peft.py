@@ -321,6 +321,10 @@ def test_lora_on_any_node_composes():
     merged = lora.merge(ia3.merge(both))
     np.testing.assert_allclose(forward(merged, CFG, TOKENS), forward(both, CFG, TOKENS),
                                rtol=1e-5, atol=1e-5)
+    # ... and the other way round: IA3 wraps the LoRA node standing at its target.
+    outer = ia3.inject(lora.inject(BASE, jax.random.key(2), rank=4, targets=r"attn/k/kernel$"))
+    node = outer["layers_0"]["attn"]["k"]["kernel"]
+    assert isinstance(node, ia3.IA3) and isinstance(node.base, lora.LoRA)
 
 
 # ----------------------------------------------------------------------------- config and init

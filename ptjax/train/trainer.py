@@ -133,7 +133,7 @@ def train(config, workdir: str, train_examples, eval_examples=(), init_params=No
         data.restore(data_state)
     log = metrics_lib.MetricsLog(workdir, resume_step=start)
     schedule = optim.learning_rate_schedule(config.optim, tc.steps)
-    base_key = jax.random.key(config.seed)
+    step_keys = jax.random.fold_in(jax.random.key(config.seed), 2)  # apart from the init keys
 
     last_metrics: dict = {}
     with sharding.use(mesh, rules):
@@ -142,7 +142,7 @@ def train(config, workdir: str, train_examples, eval_examples=(), init_params=No
         window_start, window_steps = time.perf_counter(), 0
         for step in bar:
             batch = to_device(next(data), batch_sharding)
-            state, step_metrics = step_fn(state, batch, jax.random.fold_in(base_key, step))
+            state, step_metrics = step_fn(state, batch, jax.random.fold_in(step_keys, step))
             window_steps += 1
             done = step + 1
             if step == start:  # keep compilation out of the throughput figure
