@@ -150,7 +150,7 @@ def main(argv=None) -> int:
                         help="run only the sampled mutants that survived earlier runs or have "
                              "no result yet (new tests, edited lines)")
     parser.add_argument("--report-only", action="store_true",
-                        help="record and report the sessions of WORKDIR without running anything")
+                        help="report the current sample from recorded results, running nothing")
     parser.add_argument("--serve", type=int, help=argparse.SUPPRESS)  # internal: one worker
     args = parser.parse_args(argv)
     if args.serve:
@@ -169,24 +169,14 @@ def main(argv=None) -> int:
     urls = [f"http://127.0.0.1:{args.port + i}" for i in range(args.workers)]
 
     lines: dict[str, list[str]] = {}
-    # Keys read the source the sessions were made from: the tree now, or for --report-only the
-    # copy the workers ran (the tree may have been edited since).
-    source = workdir / "worker0" if args.report_only and (workdir / "worker0").exists() else ROOT
 
     def lines_of(path):
         if path not in lines:
-            lines[path] = (source / path).read_text().splitlines()
+            lines[path] = (ROOT / path).read_text().splitlines()
         return lines[path]
 
     ledger_path = workdir / "results.json"  # key -> outcome, over this and earlier runs
     ledger = json.loads(ledger_path.read_text()) if ledger_path.exists() else {}
-    if args.report_only:
-        sessions = [(e, workdir / f"session{i}.toml", workdir / f"session{i}.sqlite")
-                    for i, e in enumerate(entries)]
-        chosen = sample_in_sessions(sessions, lines_of)
-        record(sessions, chosen, ledger)
-        ledger_path.write_text(json.dumps(ledger, indent=1, sort_keys=True))
-        return report(entries, chosen, equivalents, ledger, workdir, None, args.min_score)
 
     # 1. One session per entry with every mutant, operators filtered as cosmic-ray's filter does.
     sessions = []
@@ -232,45 +222,32 @@ def main(argv=None) -> int:
         for key in sorted(chosen.values()):
             print(("[equivalent] " if key in equivalents else "") + key)
         return 0
+    if args.report_only:
+        return report(entries, chosen, equivalents, ledger, workdir, None, args.min_score)
 
-    # 3. Run the sample on the workers, one session after another.
+    # 3. Run the sample on the workers, one session after another, recording as it goes.
+    if not args.module and not args.only_survivors:
+        ledger = {}  # a full run replaces every earlier result
     procs, _ = start_workers(workdir, args.workers, args.port)
     started = time.time()
     try:
-        for entry, config, db in sessions:
+        for session in sessions:
+            entry, config, db = session
             if args.module and not any(m in entry["paths"] for m in args.module):
                 continue
             print(f"== {' '.join(entry['paths'])}", flush=True)
             cosmic_ray("exec", str(config), str(db))
+            record([session], chosen, ledger)
+            ledger_path.write_text(json.dumps(ledger, indent=1, sort_keys=True))
     finally:
         for p in procs:
             p.terminate()
         for p in procs:
             p.wait()
-    elapsed = time.time() - started
 
-    # 4. Scores and survivors.
-    if not args.module and not args.only_survivors:
-        ledger = {}  # a full run replaces every earlier result
-    record(sessions, chosen, ledger)
-    ledger_path.write_text(json.dumps(ledger, indent=1, sort_keys=True))
-    return report(entries, chosen, equivalents, ledger, workdir, elapsed, args.min_score)
-
-
-def sample_in_sessions(sessions, lines_of) -> dict[str, str]:
-    """{job id: key} of the sampled mutants recorded in existing session databases."""
-    from cosmic_ray.work_db import WorkDB, use_db
-
-    chosen = {}
-    for _, _, db in sessions:
-        with use_db(str(db), WorkDB.Mode.open) as work_db:
-            done = {item.job_id: result for item, result in work_db.completed_work_items}
-            for job, key in mutant_keys(work_db, lines_of).items():
-                result = done.get(job)
-                if result is not None and result.output in ("not in sample", "Filtered operator"):
-                    continue
-                chosen[job] = key
-    return chosen
+    # 4. Scores (over the whole sample, from this run and the ledger) and survivors.
+    return report(entries, chosen, equivalents, ledger, workdir, time.time() - started,
+                  args.min_score)
 
 
 def record(sessions, chosen, ledger):
