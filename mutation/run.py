@@ -1,11 +1,12 @@
 """Mutation check of ptjax's core with cosmic-ray: a fixed, seeded sample of mutants.
 
     pip install -e '.[test,mutation]'
-    python mutation/run.py                       # ~300 mutants, 2 workers, about an hour on 2 cores
-    python mutation/run.py --sample 40 --module ptjax/sampling.py   # a quick look at one module
+    python mutation/run.py                   # 300 mutants, 2 workers, under an hour on 2 cores
+    python mutation/run.py --only-survivors  # after new tests: survivors and edited lines only
+    python mutation/run.py --module ptjax/sampling.py   # rerun one [[module]] entry
 
-Why a sample: the core (mutation/modules.toml) holds about 3,700 mutants and each needs a pytest
-run that compiles JAX programs, far too many to run whole. Which mutants are in the sample does not
+Why a sample: the core (mutation/modules.toml) holds about 3,750 mutants (2,050 after the operator
+filter) and each needs a pytest run that compiles JAX programs, far too many to run whole. Which mutants are in the sample does not
 depend on the order of the code: every mutant gets a key (module, operator, the text of its line,
 its column), and the sample is the `--sample` mutants whose salted hash of that key is smallest.
 Editing one function therefore moves only that function's mutants in or out.
@@ -17,8 +18,10 @@ cosmic-ray's own filters do), and `cosmic-ray exec` with the http distributor ov
 workers must never share files). JAX's persistent compilation cache is shared by the workers.
 
 Mutants listed in mutation/equivalent.toml (with the reason they cannot change behaviour) are not
-run and count neither way. Prints, and writes to WORKDIR/report.md, the mutation score per module
-(killed / (sampled - equivalent)) and the diff of every surviving mutant. Exit status 1 when the
+run and count neither way. Every outcome goes to WORKDIR/results.json (key -> outcome) as each
+session ends, so partial runs and reruns add up; a full run starts it afresh. Prints, and writes
+to WORKDIR/report.md, the mutation score per module over the whole sample
+(killed / (killed + survived)) and the diff of every surviving mutant. Exit status 1 when the
 total score is under `--min-score`.
 """
 
@@ -32,7 +35,6 @@ import shutil
 import subprocess
 import sys
 import time
-import tomllib
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -64,8 +66,9 @@ def load_equivalents() -> dict[str, str]:
     path = HERE / "equivalent.toml"
     if not path.exists():
         return {}
-    with open(path, "rb") as f:
-        return {e["key"]: e["reason"] for e in tomllib.load(f).get("equivalent", [])}
+    import toml  # cosmic-ray's own TOML reader (tomllib needs Python 3.11)
+
+    return {e["key"]: e["reason"] for e in toml.load(path).get("equivalent", [])}
 
 
 def session_config(entry: dict, excluded: list[str], urls: list[str]) -> str:
@@ -160,8 +163,9 @@ def main(argv=None) -> int:
     from cosmic_ray.work_db import WorkDB, use_db
     from cosmic_ray.work_item import WorkerOutcome, WorkResult
 
-    with open(HERE / "modules.toml", "rb") as f:
-        spec = tomllib.load(f)
+    import toml
+
+    spec = toml.load(HERE / "modules.toml")
     entries = spec["module"]  # the sample is drawn over all of them, whatever --module says
     workdir = Path(args.workdir)
     workdir.mkdir(parents=True, exist_ok=True)
