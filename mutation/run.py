@@ -93,11 +93,11 @@ def session_config(entry: dict, excluded: list[str], urls: list[str]) -> str:
     ])
 
 
-def start_workers(workdir: Path, n: int, base_port: int) -> tuple[list, list[str]]:
+def start_workers(workdir: Path, n: int, base_port: int) -> list:
     """`n` http workers, each serving from its own copy of the tree."""
     cache = workdir / "jax_cache"
     cache.mkdir(parents=True, exist_ok=True)
-    procs, urls = [], []
+    procs = []
     for i in range(n):
         tree = workdir / f"worker{i}"
         shutil.rmtree(tree, ignore_errors=True)
@@ -116,12 +116,11 @@ def start_workers(workdir: Path, n: int, base_port: int) -> tuple[list, list[str
         log = open(workdir / f"worker{i}.log", "w")
         procs.append(subprocess.Popen([sys.executable, __file__, "--serve", str(port)],
                                       cwd=tree, env=env, stdout=log, stderr=subprocess.STDOUT))
-        urls.append(f"http://127.0.0.1:{port}")
     time.sleep(3)
     for p in procs:
         if p.poll() is not None:
             raise SystemExit(f"a cosmic-ray http-worker exited at start; see {workdir}/worker*.log")
-    return procs, urls
+    return procs
 
 
 def serve(port: int):
@@ -232,7 +231,7 @@ def main(argv=None) -> int:
     # 3. Run the sample on the workers, one session after another, recording as it goes.
     if not args.module and not args.only_survivors:
         ledger = {}  # a full run replaces every earlier result
-    procs, _ = start_workers(workdir, args.workers, args.port)
+    procs = start_workers(workdir, args.workers, args.port)
     started = time.time()
     try:
         for session in sessions:

@@ -66,6 +66,12 @@ def _step(tx, grad_accum=1, params=PARAMS, batch=BATCH, rng=None):
     return new, jax.device_get(metrics)
 
 
+def _applied_gradient(new):
+    """The gradient an SGD step of rate LR applied: (params before - after) / LR, in float64."""
+    return jax.tree.map(lambda after, before: (np.asarray(after, np.float64) - before) / -LR,
+                        new.trainable, PARAMS)
+
+
 def _assert_grads_close(got, want):
     for (path, g), w in zip(ptree.flatten_with_paths(got), jax.tree.leaves(want)):
         np.testing.assert_allclose(g, w, rtol=2e-3, atol=2e-4 * np.abs(w).max(), err_msg=path)
@@ -73,9 +79,7 @@ def _assert_grads_close(got, want):
 
 def test_sgd_update_is_minus_lr_times_the_mean_loss_gradient():
     new, m = _step(_optimizer())
-    implied = jax.tree.map(lambda after, before: (np.asarray(after, np.float64) - before) / -LR,
-                           new.trainable, PARAMS)
-    _assert_grads_close(implied, REF_GRADS)
+    _assert_grads_close(_applied_gradient(new), REF_GRADS)
     np.testing.assert_allclose(m["loss"], REF_LOSS, rtol=1e-5)
     np.testing.assert_allclose(m["grad_norm"], REF_NORM, rtol=1e-4)
     np.testing.assert_allclose(m["tokens"], BATCH["loss_mask"].sum())
@@ -87,9 +91,7 @@ def test_sgd_update_is_minus_lr_times_the_mean_loss_gradient():
 def test_clipping_scales_the_update_to_the_clip_norm():
     clip = 0.1 * REF_NORM
     new, m = _step(_optimizer(clip_norm=clip))
-    applied = jax.tree.map(lambda after, before: (np.asarray(after, np.float64) - before) / -LR,
-                           new.trainable, PARAMS)
-    _assert_grads_close(applied, jax.tree.map(lambda g: g * clip / REF_NORM, REF_GRADS))
+    _assert_grads_close(_applied_gradient(new), jax.tree.map(lambda g: g * clip / REF_NORM, REF_GRADS))
     np.testing.assert_allclose(m["grad_norm"], REF_NORM, rtol=1e-4)  # reported before clipping
 
 
@@ -108,9 +110,7 @@ def test_accumulated_step_equals_the_reference_gradient_of_the_whole_batch():
     micro_tokens = BATCH["loss_mask"].reshape(4, -1).sum(-1)
     assert len(set(micro_tokens.tolist())) > 1  # unequal microbatches: a mean of means differs
     new, m = _step(_optimizer(), grad_accum=4)
-    implied = jax.tree.map(lambda after, before: (np.asarray(after, np.float64) - before) / -LR,
-                           new.trainable, PARAMS)
-    _assert_grads_close(implied, REF_GRADS)
+    _assert_grads_close(_applied_gradient(new), REF_GRADS)
     np.testing.assert_allclose(m["loss"], REF_LOSS, rtol=1e-5)
     np.testing.assert_allclose(m["grad_norm"], REF_NORM, rtol=1e-4)
 

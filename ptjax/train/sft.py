@@ -6,6 +6,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from ptjax import ops
 from ptjax import tree as ptree
 from ptjax.train.losses import next_token_nll
 from ptjax.train.state import TrainState
@@ -15,20 +16,14 @@ def _microbatches(batch, n: int):
     return jax.tree.map(lambda x: x.reshape(n, x.shape[0] // n, *x.shape[1:]), batch)
 
 
-def microbatch_key(rng, index):
-    """The key microbatch `index` of a step draws its randomness from (None stays None), so
-    every microbatch of an accumulated step gets its own dropout masks."""
-    return None if rng is None else jax.random.fold_in(rng, index)
-
-
 def train_step(state: TrainState, batch, rng, *, model_cfg, tx: optax.GradientTransformation,
                grad_accum: int = 1):
     """One optimizer step on `batch` ([batch, seq] arrays), accumulating `grad_accum` microbatches.
 
     Gradients are taken over `state.trainable` only. The loss is the mean NLL over all loss
     tokens of the whole batch, so accumulation is exactly the same update as one big batch.
-    `rng` (a key, or None for no dropout) is the step's randomness; microbatch i uses
-    `microbatch_key(rng, i)`.
+    `rng` (a key, or None for no dropout) is the step's randomness; microbatch i draws from
+    `fold_in(rng, i)`, so every microbatch of an accumulated step gets its own dropout masks.
     """
     def nll_sum(trainable, micro, key):
         params = ptree.merge(trainable, state.frozen)
@@ -36,7 +31,7 @@ def train_step(state: TrainState, batch, rng, *, model_cfg, tx: optax.GradientTr
 
     def grads_and_sums(mb, index):
         (loss, aux), grads = jax.value_and_grad(nll_sum, has_aux=True)(
-            state.trainable, mb, microbatch_key(rng, index))
+            state.trainable, mb, ops.fold_key(rng, index))
         return grads, loss, aux["tokens"], aux["correct"]
 
     if grad_accum == 1:

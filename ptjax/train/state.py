@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import re
 from typing import Any
 
 import flax.struct
@@ -47,11 +46,10 @@ def create(params, trainable_mask, tx: optax.GradientTransformation, seed: int,
     """
     trainable, frozen = ptree.split(params, trainable_mask)
     if frozen_matmul_dtype is not None:
-        lookup = re.compile(LOOKUP_TABLES)
-        frozen = ptree.map_with_path(
-            lambda path, x: x.astype(frozen_matmul_dtype)
-            if x.ndim >= 2 and jnp.issubdtype(x.dtype, jnp.floating) and not lookup.search(path)
-            else x, frozen)
+        frozen = jax.tree.map(
+            lambda x, table: x.astype(frozen_matmul_dtype)
+            if x.ndim >= 2 and jnp.issubdtype(x.dtype, jnp.floating) and not table else x,
+            frozen, ptree.select(frozen, LOOKUP_TABLES))
     return TrainState(step=jnp.zeros((), jnp.int32), trainable=trainable, frozen=frozen,
                       opt_state=tx.init(trainable),
                       rng=jax.random.key_data(jax.random.key(seed)))
