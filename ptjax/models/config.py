@@ -7,6 +7,18 @@ import dataclasses
 import jax.numpy as jnp
 
 
+# The RoPE scalings the model implements and the fields each needs.
+ROPE_SCALING_KEYS = {
+    "linear": {"factor"},
+    "llama3": {"factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"},
+}
+
+
+def rope_scaling_spec(rope_type: str, **fields) -> tuple:
+    """The hashable `ModelConfig.rope_scaling` value for a scaling kind and its fields."""
+    return tuple(sorted({"rope_type": rope_type, **fields}.items()))
+
+
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
     """Dimensions of a Llama-family decoder; frozen so it can be a static jit argument."""
@@ -22,6 +34,11 @@ class ModelConfig:
     norm_eps: float = 1e-6
     tie_embeddings: bool = False
     qkv_bias: bool = False  # Qwen2 puts biases on q/k/v only
+    # RoPE frequency scaling as sorted (key, value) pairs, hashable for jit: () is plain RoPE,
+    # (("factor", 2.0), ("rope_type", "linear")) or the llama3 keys (factor, low_freq_factor,
+    # high_freq_factor, original_max_position_embeddings, rope_type="llama3").
+    rope_scaling: tuple = ()
+    max_position_embeddings: int = 0  # the checkpoint's context length (0 = not stated)
     dtype: str = "float32"  # compute dtype of the matmuls; master weights stay float32
     remat: str = "none"  # "none" | "full" (recompute each layer in the backward pass)
 
@@ -38,6 +55,14 @@ class ModelConfig:
             raise ValueError(f"heads ({self.heads}) must be a multiple of kv_heads ({self.kv_heads})")
         if self.head_dim % 2:
             raise ValueError(f"head_dim must be even for RoPE, got {self.head_dim}")
+        if self.rope_scaling:
+            kind = dict(self.rope_scaling).get("rope_type")
+            if kind not in ROPE_SCALING_KEYS:
+                raise ValueError(f"rope_scaling.rope_type={kind!r} is not supported; "
+                                 f"choose one of {sorted(ROPE_SCALING_KEYS)}")
+            missing = ROPE_SCALING_KEYS[kind] - set(dict(self.rope_scaling))
+            if missing:
+                raise ValueError(f"rope_scaling ({kind}) needs {sorted(missing)}")
         if self.remat not in ("none", "full"):
             raise ValueError(f"remat must be 'none' or 'full', got {self.remat!r}")
 

@@ -103,10 +103,36 @@ def rms_norm(x, scale, eps):
     return x * scale.astype(F32)
 
 
-def rope(x, positions, theta):
+def rope_inv_freq(head_dim: int, theta: float, scaling: tuple = ()):
+    """[head_dim/2] float32 rotation frequencies, with a checkpoint's RoPE scaling applied.
+
+    Why: Llama 3.1+ and long-context fine-tunes change the frequencies (`linear` divides all of
+    them by `factor`; `llama3` divides only the low ones and blends the middle band), and a model
+    run with the unscaled ones computes something else without any error. Follows transformers'
+    `rope_init_fn`s so logits match.
+    """
+    inv_freq = 1.0 / (theta ** (jnp.arange(0, head_dim, 2, dtype=F32) / head_dim))
+    if not scaling:
+        return inv_freq
+    spec = dict(scaling)
+    factor = spec["factor"]
+    if spec["rope_type"] == "linear":
+        return inv_freq / factor
+    # llama3: wavelengths beyond the original context are slowed by `factor`, short ones kept,
+    # and the band between interpolates smoothly.
+    old_len = spec["original_max_position_embeddings"]
+    low, high = spec["low_freq_factor"], spec["high_freq_factor"]
+    wavelen = 2 * math.pi / inv_freq
+    scaled = jnp.where(wavelen > old_len / low, inv_freq / factor, inv_freq)
+    smooth = (old_len / wavelen - low) / (high - low)
+    smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+    medium = ~(wavelen < old_len / high) & ~(wavelen > old_len / low)
+    return jnp.where(medium, smoothed, scaled)
+
+
+def rope(x, positions, theta, scaling: tuple = ()):
     """Rotary embedding, rotate-half convention (Hugging Face Llama). x [b, s, h, d], positions [b, s]."""
-    d = x.shape[-1]
-    inv_freq = 1.0 / (theta ** (jnp.arange(0, d, 2, dtype=F32) / d))
+    inv_freq = rope_inv_freq(x.shape[-1], theta, scaling)
     angles = positions.astype(F32)[..., None] * inv_freq  # [b, s, d/2]
     angles = jnp.concatenate([angles, angles], axis=-1)[:, :, None, :]
     cos, sin = jnp.cos(angles), jnp.sin(angles)
@@ -141,8 +167,8 @@ def attention_block(p, cfg: ModelConfig, x, positions, mask, kv: dict | None, wr
     q = _project(x, p["q"], dtype, ops.fold_key(rng, 0)).reshape(b, s, cfg.heads, hd)
     k = _project(x, p["k"], dtype, ops.fold_key(rng, 1)).reshape(b, s, kvh, hd)
     v = _project(x, p["v"], dtype, ops.fold_key(rng, 2)).reshape(b, s, kvh, hd)
-    q = rope(q, positions, cfg.rope_theta)
-    k = rope(k, positions, cfg.rope_theta)
+    q = rope(q, positions, cfg.rope_theta, cfg.rope_scaling)
+    k = rope(k, positions, cfg.rope_theta, cfg.rope_scaling)
     # Grouped heads that share a KV head are stacked along the query axis: q [b*kv, g*s, d].
     q = q.reshape(b, s, kvh, g, hd).transpose(0, 2, 3, 1, 4).reshape(b * kvh, g * s, hd)
     k = k.transpose(0, 2, 3, 1)  # [b, kv, d, s]
