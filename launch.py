@@ -28,9 +28,9 @@ flags.mark_flags_as_required(["config", "workdir"])
 
 def trainers():
     """Config `trainer` name -> the run function (imported lazily: startup stays fast)."""
-    from ptjax.recipes import demo, sft
+    from ptjax.recipes import chat_task, demo, sft
 
-    return {"sft": sft.run, "demo": demo.run}
+    return {"sft": sft.run, "demo": demo.run, "chat_task": chat_task.run}
 
 
 def parse_flags(argv):

@@ -1,8 +1,8 @@
 """PyTorch reference for training-step throughput (CPU), for comparison with ptjax.
 
-Builds a randomly initialised ``transformers.LlamaForCausalLM`` (~50M params:
-vocab 32000, hidden 512, intermediate 1408, 8 layers, 8 heads / 4 KV heads,
-head_dim 64, SDPA attention) and times full training steps
+Builds a randomly initialised ``transformers.LlamaForCausalLM`` with the shape of
+one of ptjax's benchmark presets (--model: llama-56m, ~50M params, or
+smollm2-135m, SmolLM2-135M's shape; SDPA attention) and times training steps
 (forward + loss.backward() + AdamW step + zero_grad) on random tokens.
 
 This script is NOT part of the ptjax package or its tests and needs PyTorch,
@@ -33,19 +33,21 @@ import transformers
 from transformers import LlamaConfig, LlamaForCausalLM
 
 
-def build_model(method: str) -> torch.nn.Module:
-    config = LlamaConfig(
-        vocab_size=32000,
-        hidden_size=512,
-        intermediate_size=1408,
-        num_hidden_layers=8,
-        num_attention_heads=8,
-        num_key_value_heads=4,
-        head_dim=64,
-        rms_norm_eps=1e-6,
-        rope_theta=10000.0,
-        tie_word_embeddings=False,
-    )
+# The model shapes ptjax's benchmark presets use (ptjax/models/config.py), by preset name.
+MODELS = {
+    "llama-56m": dict(vocab_size=32000, hidden_size=512, intermediate_size=1408,
+                      num_hidden_layers=8, num_attention_heads=8, num_key_value_heads=4,
+                      head_dim=64, rms_norm_eps=1e-6, rope_theta=10000.0,
+                      tie_word_embeddings=False),
+    "smollm2-135m": dict(vocab_size=49152, hidden_size=576, intermediate_size=1536,
+                         num_hidden_layers=30, num_attention_heads=9, num_key_value_heads=3,
+                         head_dim=64, rms_norm_eps=1e-5, rope_theta=100000.0,
+                         tie_word_embeddings=True),
+}
+
+
+def build_model(method: str, name: str = "llama-56m") -> torch.nn.Module:
+    config = LlamaConfig(**MODELS[name])
     config._attn_implementation = "sdpa"
     model = LlamaForCausalLM(config).to(torch.float32)
     if method == "lora":
@@ -66,6 +68,7 @@ def build_model(method: str) -> torch.nn.Module:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--model", choices=sorted(MODELS), default="llama-56m")
     p.add_argument("--method", choices=["full", "lora"], default="full")
     p.add_argument("--dtype", choices=["bfloat16", "float32"], default="bfloat16")
     p.add_argument("--batch", type=int, default=8)
@@ -73,29 +76,32 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=5)
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args()
 
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
 
-    model = build_model(args.method)
+    model = build_model(args.method, args.model).to(args.device)
     params = [q for q in model.parameters() if q.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-4)
     vocab = model.config.vocab_size
 
     def step() -> float:
-        ids = torch.randint(0, vocab, (args.batch, args.seq))
+        ids = torch.randint(0, vocab, (args.batch, args.seq), device=args.device)
+        if args.device == "cuda":
+            torch.cuda.synchronize()
         t0 = time.perf_counter()
         if args.dtype == "bfloat16":
-            with torch.autocast("cpu", dtype=torch.bfloat16):
+            with torch.autocast(args.device, dtype=torch.bfloat16):
                 loss = model(input_ids=ids, labels=ids).loss
         else:
             loss = model(input_ids=ids, labels=ids).loss
         loss.backward()
         opt.step()
         opt.zero_grad()
-        if not torch.isfinite(loss.detach()):
+        if not torch.isfinite(loss.detach()):  # bool() of a device tensor waits for it
             raise RuntimeError(f"non-finite loss {loss.item()}")
         return time.perf_counter() - t0
 
@@ -109,10 +115,11 @@ def main() -> None:
     step_s = statistics.median(times)
 
     print(json.dumps({
-        "case": f"torch-{args.method}-{args.dtype}-b{args.batch}-s{args.seq}",
+        "case": f"torch-{args.model}-{args.method}-{args.dtype}-b{args.batch}-s{args.seq}",
         "tokens_per_s": round(args.batch * args.seq / step_s, 2),
         "step_s": round(step_s, 4),
         "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+        "device": torch.cuda.get_device_name() if args.device == "cuda" else "cpu",
         "torch": torch.__version__,
         "transformers": transformers.__version__,
     }), flush=True)

@@ -139,13 +139,69 @@ def test_config_top_level_theta_head_dim_and_overrides():
 
 def test_config_bias_flags():
     assert hf.config_from_hf(hf_config(model_type="qwen2")).qkv_bias
-    assert hf.config_from_hf(hf_config(attention_bias=True)).qkv_bias
+    assert not hf.config_from_hf(hf_config(model_type="mistral", sliding_window=None)).qkv_bias
     assert hf.config_from_hf(hf_config(tie_word_embeddings=True)).tie_embeddings
+    # Llama's attention_bias also puts a bias on o_proj, which the model has no place for.
+    with pytest.raises(NotImplementedError, match="attention_bias"):
+        hf.config_from_hf(hf_config(attention_bias=True))
+
+
+LLAMA3_SCALING = {"rope_type": "llama3", "factor": 32.0, "low_freq_factor": 1.0,
+                  "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
+
+
+@pytest.mark.parametrize("fields", [
+    {"rope_parameters": {"rope_theta": 5e5, **LLAMA3_SCALING}},  # transformers 5
+    {"rope_theta": 5e5, "rope_scaling": LLAMA3_SCALING},  # older folders
+])
+def test_config_reads_llama3_scaling(fields):
+    cfg = hf.config_from_hf(hf_config(max_position_embeddings=131072, **fields))
+    assert dict(cfg.rope_scaling) == LLAMA3_SCALING and cfg.rope_theta == 5e5
+    assert cfg.max_position_embeddings == 131072
+    assert hf.config_from_hf(hf.config_to_hf(cfg)) == cfg
+
+
+def _llama3_inv_freq_f64(dim, theta, factor, low, high, old_len):
+    """transformers' `_compute_llama3_parameters`, transcribed per frequency in float64."""
+    out = []
+    for i in range(0, dim, 2):
+        f = 1.0 / theta ** (i / dim)
+        wavelen = 2 * np.pi / f
+        if wavelen < old_len / high:
+            out.append(f)
+        elif wavelen > old_len / low:
+            out.append(f / factor)
+        else:
+            smooth = (old_len / wavelen - low) / (high - low)
+            out.append((1 - smooth) * f / factor + smooth * f)
+    return np.array(out)
+
+
+def test_rope_frequencies_follow_the_scaling():
+    theta, dim = 5e5, 64
+    plain = np.asarray(llama.rope_inv_freq(dim, theta))
+    np.testing.assert_allclose(plain, 1.0 / theta ** (np.arange(0, dim, 2) / dim), rtol=1e-6)
+    spec = hf.config_from_hf(hf_config(rope_theta=theta, rope_parameters=None,
+                                       rope_scaling=LLAMA3_SCALING)).rope_scaling
+    got = np.asarray(llama.rope_inv_freq(dim, theta, spec))
+    want = _llama3_inv_freq_f64(dim, theta, 32.0, 1.0, 4.0, 8192)
+    np.testing.assert_allclose(got, want, rtol=2e-6)
+    assert (got < plain).any() and (got == plain).any()  # all three bands are exercised
+    assert ((got < plain) & (got > plain / 32 * 1.0001)).any()
+    linear = hf.config_from_hf(hf_config(rope_theta=theta, rope_parameters=None,
+                                         rope_scaling={"type": "linear", "factor": 2.0}))
+    np.testing.assert_allclose(np.asarray(llama.rope_inv_freq(dim, theta, linear.rope_scaling)),
+                               plain / 2, rtol=1e-6)
 
 
 @pytest.mark.parametrize("fields, match", [
-    ({"rope_parameters": {"rope_theta": 5e5, "rope_type": "llama3", "factor": 8.0}}, "llama3"),
-    ({"rope_theta": 1e4, "rope_scaling": {"type": "linear", "factor": 2.0}}, "rope_scaling.*linear"),
+    ({"rope_parameters": {"rope_theta": 5e5, "rope_type": "yarn", "factor": 8.0}},
+     "rope_parameters.rope_type='yarn'"),
+    ({"rope_theta": 1e4, "rope_scaling": {"type": "dynamic", "factor": 2.0}},
+     "rope_scaling.rope_type='dynamic'"),
+    ({"model_type": "mistral", "sliding_window": 4096, "max_position_embeddings": 32768},
+     "sliding_window=4096"),
+    ({"model_type": "llama", "attention_bias": True}, "attention_bias"),
     ({"hidden_act": "gelu"}, "hidden_act"),
     ({"model_type": "gemma"}, "gemma"),
 ])
@@ -236,8 +292,51 @@ def test_load_wrong_shape_names_key_and_shapes(tmp_path):
 def test_load_refuses_bias_the_model_cannot_hold(tmp_path):
     weights = hf_weights(np.random.default_rng(7), bias=True)
     weights["model.layers.0.self_attn.o_proj.bias"] = np.ones(HIDDEN, np.float32)
-    folder = write_folder(tmp_path / "m", hf_config(attention_bias=True), weights)
+    folder = write_folder(tmp_path / "m", hf_config(model_type="qwen2"), weights)
     with pytest.raises(NotImplementedError, match="o_proj.bias"):
+        hf.load_params(str(folder))
+
+
+def test_config_sliding_window_longer_than_context_is_fine():
+    cfg = hf.config_from_hf(hf_config(model_type="mistral", sliding_window=4096,
+                                      max_position_embeddings=4096))
+    assert cfg.max_position_embeddings == 4096
+    hf.config_from_hf(hf_config(model_type="qwen2", sliding_window=1024, use_sliding_window=False,
+                                max_position_embeddings=32768))
+
+
+def test_load_refuses_pickle_checkpoints(tmp_path):
+    folder = tmp_path / "m"
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps(hf_config()))
+    (folder / "pytorch_model.bin").write_bytes(b"\x80\x04not really a pickle")
+    with pytest.raises(ValueError, match=r"pytorch_model\.bin.*pickle.*safetensors"):
+        hf.load_params(str(folder))
+
+
+def test_load_index_naming_a_missing_shard(tmp_path):
+    folder = write_folder(tmp_path / "m", hf_config(), hf_weights(np.random.default_rng(8)), shards=2)
+    (folder / "model-00002-of-00002.safetensors").unlink()
+    with pytest.raises(FileNotFoundError, match=r"index\.json.*model-00002-of-00002"):
+        hf.load_params(str(folder))
+
+
+def test_load_index_pointing_at_the_wrong_shard(tmp_path):
+    folder = write_folder(tmp_path / "m", hf_config(), hf_weights(np.random.default_rng(8)), shards=2)
+    index = json.loads((folder / "model.safetensors.index.json").read_text())
+    index["weight_map"]["model.norm.weight"] = "model-00001-of-00002.safetensors"
+    index["weight_map"]["lm_head.weight"] = "model-00001-of-00002.safetensors"
+    (folder / "model.safetensors.index.json").write_text(json.dumps(index))
+    with pytest.raises(ValueError, match=r"model-00001-of-00002\.safetensors.*has no tensor"):
+        hf.load_params(str(folder))
+
+
+def test_load_truncated_file_names_it(tmp_path):
+    folder = write_folder(tmp_path / "m", hf_config(), hf_weights(np.random.default_rng(9)))
+    path = folder / "model.safetensors"
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) - 100])
+    with pytest.raises(ValueError, match=r"model\.safetensors"):
         hf.load_params(str(folder))
 
 

@@ -1,6 +1,7 @@
-"""Data for post-training: tokenizers, validated JSONL readers, encoding with loss masks, packing,
-resumable batch iterators and the synthetic tasks of the embedded demo."""
+"""Data for post-training: tokenizers, chat templates, validated JSONL readers, encoding with loss
+masks, packing, resumable batch iterators and the synthetic tasks of the embedded demo."""
 
+from ptjax.data.chat_template import render as render_chat_template
 from ptjax.data.encode import encode_chat_prompt, encode_prompt, encode_sft
 from ptjax.data.errors import DataError
 from ptjax.data.iterator import PackedBatches, eval_batches
@@ -47,6 +48,7 @@ __all__ = [
     "pretraining_texts",
     "read_preference_jsonl",
     "read_sft_jsonl",
+    "render_chat_template",
     "score",
     "write_jsonl",
 ]

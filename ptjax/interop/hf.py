@@ -24,7 +24,7 @@ from safetensors import safe_open
 from safetensors.numpy import save_file
 
 from ptjax import ops
-from ptjax.models.config import ModelConfig
+from ptjax.models.config import ROPE_SCALING_KEYS, ModelConfig, rope_scaling_spec
 
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
@@ -32,7 +32,11 @@ INDEX_FILE = "model.safetensors.index.json"
 _SHARD_FILE = re.compile(r"model-\d{5}-of-\d{5}\.safetensors$")
 
 _SAVE_DTYPES = {"float32": np.float32, "bfloat16": ml_dtypes.bfloat16, "float16": np.float16}
-_MODEL_TYPES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM"}
+_MODEL_TYPES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM",
+                "mistral": "MistralForCausalLM"}
+# Weight files that unpickle (and so can run code) when loaded: refused, with how to convert.
+_PICKLE_FILES = ("pytorch_model.bin", "pytorch_model.bin.index.json", "model.pt", "model.pth",
+                 "consolidated.00.pth")
 
 
 # ----------------------------------------------------------------------------- config
@@ -49,19 +53,45 @@ def _required(hf: Mapping, field: str, source: str):
     return hf[field]
 
 
-def _rope_theta(hf: Mapping, source: str) -> float:
-    """Theta from `rope_parameters` (transformers 5) or the top level (older folders); scaled
-    RoPE variants (llama3, yarn, linear, ...) change the frequencies and are refused."""
+def _rope(hf: Mapping, source: str) -> tuple[float, tuple]:
+    """(theta, rope_scaling) from `rope_parameters` (transformers 5) or `rope_scaling` plus a
+    top-level theta (older folders). Plain, `linear` and `llama3` RoPE compute what transformers
+    computes; any other type (yarn, dynamic, longrope, ...) is refused by name rather than run
+    with the wrong frequencies."""
     params = hf.get("rope_parameters") or {}
-    for field, spec in (("rope_parameters", params), ("rope_scaling", hf.get("rope_scaling") or {})):
-        kind = spec.get("rope_type", spec.get("type", "default"))
-        if kind != "default":
-            raise NotImplementedError(
-                f"{source}: {field}.rope_type={kind!r} is not supported (only unscaled RoPE)")
+    scaling = dict(hf.get("rope_scaling") or {})
+    spec, field = (params, "rope_parameters") if params.get("rope_type", params.get("type")) not in (
+        None, "default") else (scaling, "rope_scaling")
+    kind = spec.get("rope_type", spec.get("type", "default"))
     theta = params.get("rope_theta", hf.get("rope_theta"))
     if theta is None:
         raise ValueError(f"{source}: config has no 'rope_theta' (top level or in rope_parameters)")
-    return float(theta)
+    if kind == "default":
+        return float(theta), ()
+    if kind not in ROPE_SCALING_KEYS:
+        raise NotImplementedError(
+            f"{source}: {field}.rope_type={kind!r} is not supported "
+            f"(supported: default, {', '.join(sorted(ROPE_SCALING_KEYS))})")
+    missing = sorted(k for k in ROPE_SCALING_KEYS[kind] if spec.get(k) is None)
+    if missing:
+        raise ValueError(f"{source}: {field} ({kind}) has no {missing[0]!r}")
+    fields = {k: float(spec[k]) for k in ROPE_SCALING_KEYS[kind]}
+    if "original_max_position_embeddings" in fields:
+        fields["original_max_position_embeddings"] = int(fields["original_max_position_embeddings"])
+    return float(theta), rope_scaling_spec(kind, **fields)
+
+
+def _check_sliding_window(hf: Mapping, source: str) -> None:
+    """Mistral v0.1 (and Qwen2 with `use_sliding_window`) attend only to the last W tokens; the
+    model here attends to all of them, which differs as soon as a sequence is longer than W."""
+    window = hf.get("sliding_window")
+    if window is None or hf.get("use_sliding_window") is False:
+        return
+    context = hf.get("max_position_embeddings")
+    if context is None or int(window) < int(context):
+        raise NotImplementedError(
+            f"{source}: sliding_window={window} is shorter than the context "
+            f"(max_position_embeddings={context}); sliding-window attention is not supported")
 
 
 def _check_supported(hf: Mapping, source: str) -> None:
@@ -75,6 +105,10 @@ def _check_supported(hf: Mapping, source: str) -> None:
         raise NotImplementedError(f"{source}: hidden_act={act!r} is not supported (SwiGLU needs 'silu')")
     if hf.get("mlp_bias"):
         raise NotImplementedError(f"{source}: mlp_bias=true is not supported")
+    if model_type == "llama" and hf.get("attention_bias"):
+        raise NotImplementedError(f"{source}: attention_bias=true is not supported for llama "
+                                  "(it adds an o_proj bias the model has no place for)")
+    _check_sliding_window(hf, source)
 
 
 def config_from_hf(source: str | Mapping[str, Any], **overrides) -> ModelConfig:
@@ -92,6 +126,7 @@ def config_from_hf(source: str | Mapping[str, Any], **overrides) -> ModelConfig:
     _check_supported(hf, where)
     hidden = int(_required(hf, "hidden_size", where))
     heads = int(_required(hf, "num_attention_heads", where))
+    theta, scaling = _rope(hf, where)
     cfg = ModelConfig(
         vocab_size=int(_required(hf, "vocab_size", where)),
         hidden=hidden,
@@ -100,10 +135,12 @@ def config_from_hf(source: str | Mapping[str, Any], **overrides) -> ModelConfig:
         heads=heads,
         kv_heads=int(hf.get("num_key_value_heads") or heads),
         head_dim=int(hf.get("head_dim") or hidden // heads),
-        rope_theta=_rope_theta(hf, where),
+        rope_theta=theta,
+        rope_scaling=scaling,
+        max_position_embeddings=int(hf.get("max_position_embeddings") or 0),
         norm_eps=float(_required(hf, "rms_norm_eps", where)),
         tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
-        qkv_bias=hf.get("model_type") == "qwen2" or bool(hf.get("attention_bias", False)),
+        qkv_bias=hf.get("model_type") == "qwen2",
     )
     return dataclasses.replace(cfg, **overrides)
 
@@ -128,10 +165,13 @@ def config_to_hf(cfg: ModelConfig, torch_dtype: str = "float32") -> dict:
         "hidden_act": "silu",
         "rms_norm_eps": cfg.norm_eps,
         "rope_theta": cfg.rope_theta,
+        "rope_scaling": dict(cfg.rope_scaling) if cfg.rope_scaling else None,
         "tie_word_embeddings": cfg.tie_embeddings,
         "attention_bias": False,  # Llama's flag would also add an o_proj bias; Qwen2 ignores it
         "mlp_bias": False,
         "torch_dtype": torch_dtype,
+        **({"max_position_embeddings": cfg.max_position_embeddings}
+           if cfg.max_position_embeddings else {}),
     }
 
 
@@ -187,15 +227,43 @@ def hf_layout(cfg: ModelConfig) -> list[Entry]:
 # ----------------------------------------------------------------------------- load
 
 
+def _refuse_pickles(folder: str) -> None:
+    """Weights that only exist as pickles are refused: unpickling a file can run any code in it,
+    and a model folder is untrusted input."""
+    found = [name for name in _PICKLE_FILES if os.path.exists(os.path.join(folder, name))]
+    if found:
+        raise ValueError(
+            f"{folder}: weights are only in {found[0]}, a pickle file (loading it could run code); "
+            "convert it to safetensors in a trusted environment first, e.g. "
+            "`AutoModelForCausalLM.from_pretrained(folder).save_pretrained(out, "
+            "safe_serialization=True)`")
+
+
+def _open(path: str):
+    """`safe_open` whose failure on a truncated or corrupt file names that file."""
+    try:
+        return safe_open(path, framework="numpy")
+    except Exception as e:  # safetensors raises its own SafetensorError
+        raise ValueError(f"{path}: not a readable safetensors file ({e})") from None
+
+
 def _key_files(folder: str) -> dict[str, str]:
     """Map each tensor name to the file holding it (one file, or a sharded index)."""
     index = os.path.join(folder, INDEX_FILE)
     if os.path.exists(index):
-        return dict(_read_json(index)["weight_map"])
+        weight_map = _read_json(index).get("weight_map")
+        if not isinstance(weight_map, dict):
+            raise ValueError(f"{index}: no 'weight_map' object")
+        for key, name in weight_map.items():
+            if os.path.basename(name) != name or not os.path.isfile(os.path.join(folder, name)):
+                raise FileNotFoundError(f"{index}: tensor {key!r} is in shard {name!r}, "
+                                        "which is not in the folder")
+        return dict(weight_map)
     single = os.path.join(folder, WEIGHTS_FILE)
     if not os.path.exists(single):
+        _refuse_pickles(folder)
         raise FileNotFoundError(f"{folder}: neither {WEIGHTS_FILE} nor {INDEX_FILE} found")
-    with safe_open(single, framework="numpy") as f:
+    with _open(single) as f:
         return {key: WEIGHTS_FILE for key in f.keys()}
 
 
@@ -234,18 +302,24 @@ def load_params(folder: str, cfg: ModelConfig | None = None) -> dict:
     for entry in layout:
         by_file.setdefault(key_files[entry.hf_key], []).append(entry)
     for filename, entries in by_file.items():
-        with safe_open(os.path.join(folder, filename), framework="numpy") as f:
+        path = os.path.join(folder, filename)
+        with _open(path) as f:
             for entry in entries:
-                _set(params, entry.path, _read_tensor(f, entry, folder))
+                _set(params, entry.path, _read_tensor(f, entry, path))
     return params
 
 
-def _read_tensor(f, entry: Entry, folder: str) -> np.ndarray:
+def _read_tensor(f, entry: Entry, path: str) -> np.ndarray:
+    if entry.hf_key not in f.keys():
+        raise ValueError(f"{path}: has no tensor {entry.hf_key!r} (the index says it is here)")
     shape = tuple(f.get_slice(entry.hf_key).get_shape())
     if shape != entry.hf_shape:
-        raise ValueError(f"{folder}: tensor {entry.hf_key!r} has shape {shape}, "
+        raise ValueError(f"{path}: tensor {entry.hf_key!r} has shape {shape}, "
                          f"but the config expects {entry.hf_shape}")
-    value = np.asarray(f.get_tensor(entry.hf_key), dtype=np.float32)
+    try:
+        value = np.asarray(f.get_tensor(entry.hf_key), dtype=np.float32)
+    except Exception as e:  # a truncated file fails here, on the first tensor past its end
+        raise ValueError(f"{path}: cannot read tensor {entry.hf_key!r} ({e})") from None
     return np.ascontiguousarray(value.T) if entry.linear else value
 
 

@@ -76,6 +76,10 @@ PRESETS = {
     # The CPU benchmark model.
     "llama-56m": ModelConfig(vocab_size=32000, hidden=512, mlp=1408, layers=8, heads=8, kv_heads=4,
                              head_dim=64),
+    # SmolLM2-135M(-Instruct)'s dimensions: the real-model benchmark without reading the file.
+    "smollm2-135m": ModelConfig(vocab_size=49152, hidden=576, mlp=1536, layers=30, heads=9,
+                                kv_heads=3, head_dim=64, rope_theta=100000.0, norm_eps=1e-5,
+                                tie_embeddings=True, max_position_embeddings=8192),
     # Llama-3.2-1B's dimensions, for GPU runs.
     "llama-1b": ModelConfig(vocab_size=128256, hidden=2048, mlp=8192, layers=16, heads=32,
                             kv_heads=8, head_dim=64, rope_theta=500000.0, norm_eps=1e-5,

@@ -22,29 +22,56 @@ PEFT_FILE_METHOD = {"lora": "lora", "dora": "dora", "ia3": "ia3", "prompt": "pro
                     "ptuning": "p_tuning", "prefix": "prefix_tuning"}
 
 
-def export(config, workdir: str, result: trainer.Result):
+def export(config, workdir: str, result: trainer.Result, tokenizer, generation: dict | None = None):
     """Write the trained adapter in PEFT's format (WORKDIR/adapter) and, for methods that merge
-    into the weights (full, LoRA, DoRA, IA3), the merged model in Hugging Face's (WORKDIR/merged)."""
+    into the weights (full, LoRA, DoRA, IA3), the merged model as a Hugging Face folder with its
+    tokenizer and generation config (WORKDIR/merged), which transformers loads as is."""
     import jax
 
     from ptjax import peft
-    from ptjax.interop import hf, peft_format
+    from ptjax.interop import export as export_lib
+    from ptjax.interop import peft_format
 
     if jax.process_index() != 0:
         return
     method = config.peft.method
-    if method in PEFT_FILE_METHOD:
+    if method == "ptuning" and config.peft.ptuning_placement != "prepend":
+        print(f"sft: no PEFT adapter written: PEFT's P_TUNING prepends every virtual token, and "
+              f"this run placed them as {config.peft.ptuning_placement!r} "
+              "(train with --config.peft.ptuning_placement=prepend to export)")
+    elif method in PEFT_FILE_METHOD:
         peft_format.save_adapter(result.params, result.model_cfg, os.path.join(workdir, "adapter"),
                                  method=PEFT_FILE_METHOD[method], use_rslora=config.peft.rslora,
                                  base_model_name_or_path=config.model.init)
     if method in ("full", "lora", "dora", "ia3"):
         merged = jax.device_get(peft.finalize(result.params, config.peft))
-        hf.save_params(merged, result.model_cfg, os.path.join(workdir, "merged"))
+        export_lib.save_hf(merged, result.model_cfg, tokenizer, os.path.join(workdir, "merged"),
+                           generation=generation)
+
+
+def load_base(config):
+    """(model config, host params or None, tokenizer, generation defaults) a run starts from.
+
+    With `model.init` the checkpoint decides the model (and, unless `data.tokenizer` names another
+    one, the tokenizer); otherwise `model.preset` and random weights.
+    """
+    if not config.model.init:
+        return trainer.model_config(config), None, D.load_tokenizer(config.data.tokenizer), None
+    from ptjax.interop import load
+
+    base = load.load(config.model.init)
+    cfg = trainer.model_config(config, base.config)
+    tokenizer = D.load_tokenizer(config.data.tokenizer) if config.data.tokenizer else base.tokenizer
+    if tokenizer.vocab_size > cfg.vocab_size:
+        raise ValueError(f"data.tokenizer: {tokenizer.vocab_size} tokens, but the model "
+                         f"({config.model.init}) has only {cfg.vocab_size} embedding rows")
+    return cfg, base.params, tokenizer, base.generation
 
 
 def run(config, workdir: str) -> trainer.Result:
-    """Fine-tune `model.preset` (from `model.init` if given) on `data.train`, evaluating on `data.eval`."""
-    tokenizer = D.load_tokenizer(config.data.tokenizer)
+    """Fine-tune the model of `model.init` (or `model.preset`) on `data.train`, evaluating on
+    `data.eval`; with no `data.train`, on the demo's generated instruction data."""
+    model_cfg, init_params, tokenizer, generation = load_base(config)
     seq_len = config.train.seq_len
     if config.data.train:
         train_examples = load_examples(config.data.train, tokenizer, seq_len)
@@ -56,13 +83,9 @@ def run(config, workdir: str) -> trainer.Result:
         eval_examples = demo_examples(tokenizer, seq_len, 500, config.seed + 1)
     else:
         eval_examples = []
-    init_params = None
-    if config.model.init:
-        from ptjax.interop import hf
-
-        init_params = hf.load_params(config.model.init, trainer.model_config(config))
-    result = trainer.train(config, workdir, train_examples, eval_examples, init_params=init_params)
-    export(config, workdir, result)
+    result = trainer.train(config, workdir, train_examples, eval_examples, init_params=init_params,
+                           model_cfg=model_cfg, tokenizer=tokenizer)
+    export(config, workdir, result, tokenizer, generation)
     summary_path = os.path.join(workdir, "summary.json")
     summary = trainer.read_summary(summary_path)
     summary.setdefault("stages", {})["sft"] = {

@@ -17,13 +17,17 @@ def base_config() -> ml_collections.ConfigDict:
     c.seed = 0
 
     c.model = ml_collections.ConfigDict()
-    c.model.preset = "demo"
+    # A preset name; "" = the checkpoint's own config with model.init, else "demo". With both,
+    # the preset must match the checkpoint.
+    c.model.preset = ""
     c.model.dtype = "float32"  # compute dtype of the matmuls; master weights stay float32
     c.model.remat = "none"  # or "full"
-    c.model.init = ""  # Hugging Face checkpoint folder to start from ("" = random init)
+    c.model.init = ""  # Hugging Face folder, .gguf file or ptjax run to start from ("" = random)
 
     c.data = ml_collections.ConfigDict()
-    c.data.tokenizer = "byte"  # or a tokenizer.json path / Hugging Face folder
+    # "" = the model's own tokenizer with model.init, else bytes; or "byte", a tokenizer.json
+    # path or a Hugging Face folder.
+    c.data.tokenizer = ""
     c.data.train = ""  # JSONL: {"prompt","completion"} or {"messages": [...]}
     c.data.eval = ""
 
@@ -67,6 +71,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.peft.prompt_init = "vocab"  # prompt: random, vocab or text
     c.peft.prompt_text = ""
     c.peft.encoder = "mlp"  # ptuning: mlp or lstm
+    c.peft.ptuning_placement = "template"  # ptuning: template, or prepend (PEFT's P_TUNING)
     c.peft.encoder_hidden = 128
     c.peft.reparam_hidden = 0  # prefix: >0 trains through an MLP of this width
 
