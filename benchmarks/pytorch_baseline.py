@@ -43,6 +43,10 @@ MODELS = {
                          num_hidden_layers=30, num_attention_heads=9, num_key_value_heads=3,
                          head_dim=64, rms_norm_eps=1e-5, rope_theta=100000.0,
                          tie_word_embeddings=True),
+    "llama-1b": dict(vocab_size=128256, hidden_size=2048, intermediate_size=8192,
+                     num_hidden_layers=16, num_attention_heads=32, num_key_value_heads=8,
+                     head_dim=64, rms_norm_eps=1e-5, rope_theta=500000.0,
+                     tie_word_embeddings=True),
 }
 
 

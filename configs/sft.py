@@ -32,4 +32,6 @@ def get_config(arg=None):
     c.trainer = "sft"
     c.peft.method = method
     c.optim.lr = DEFAULT_LR[method]
+    # P-tuning as PEFT places it, so WORKDIR/adapter runs the same in PEFT (P_TUNING).
+    c.peft.ptuning_placement = "prepend"
     return c

@@ -7,7 +7,13 @@ so a batch shape compiles once and RL rollouts, evaluation and demos share the s
 
 The logprob returned for each token is taken under `log_softmax(logits / temperature)` *before*
 top-k/top-p filtering: that is the policy PPO and GRPO score with a plain forward pass, so the
-rollout's logprobs and the trainer's agree (greedy decoding reports temperature-1 logprobs).
+rollout's logprobs and the trainer's agree (greedy decoding reports temperature-1 logprobs). A
+repetition penalty other than 1 changes the distribution sampled from, and the logprobs are
+taken under the penalized logits.
+
+Soft prompts and prefixes enter through `prompts.model_inputs`, the function the train step
+uses, so a prompt-tuned or prefix-tuned model samples exactly as it was trained (and as PEFT
+runs it: prefix positions start at P).
 """
 
 from __future__ import annotations
@@ -18,6 +24,7 @@ from collections.abc import Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.experimental import io_callback
 
 from ptjax.data import encode_prompt
 from ptjax.models import llama
@@ -63,6 +70,43 @@ def filter_logits(logits, top_k: int, top_p: float):
     return logits
 
 
+def normalize_stop_ids(eos_id) -> tuple[int, ...]:
+    """`eos_id` (one id or a sequence of ids) as a tuple of ints.
+
+    Why: chat models end turns with more than one token (Llama 3's `<|eot_id|>` and
+    `<|end_of_text|>`), and the tuple is hashable, so it can key the compile cache.
+    """
+    return tuple(int(i) for i in np.atleast_1d(np.asarray(eos_id)).tolist())
+
+
+def tokenizer_stop_ids(tokenizer) -> tuple[int, ...]:
+    """The ids that end a generation for `tokenizer`: its `stop_ids` when it has them, else
+    `(tokenizer.eos_id,)`."""
+    stop_ids = getattr(tokenizer, "stop_ids", None)
+    return normalize_stop_ids(stop_ids if stop_ids else tokenizer.eos_id)
+
+
+def penalize_repetition(logits, seen, penalty: float):
+    """Logits with every already-seen token discouraged, as transformers'
+    `RepetitionPenaltyLogitsProcessor` does: a positive logit is divided by `penalty`, a
+    negative one multiplied (1.0 is off). `seen` [b, vocab] bool marks the ids in the prompt
+    or generated so far.
+
+    Why: small or lightly tuned models loop on a phrase under greedy decoding; the penalty is
+    the standard, checkpoint-independent remedy and is applied before temperature.
+    """
+    penalized = jnp.where(logits > 0, logits / penalty, logits * penalty)
+    return jnp.where(seen, penalized, logits)
+
+
+def _seen_tokens(tokens, valid, vocab: int):
+    """[b, vocab] bool: which ids occur among the `valid` entries of `tokens` [b, s]."""
+    b = tokens.shape[0]
+    counts = jnp.zeros((b, vocab), jnp.int32).at[
+        jnp.arange(b)[:, None], jnp.clip(tokens, 0, vocab - 1)].add(valid.astype(jnp.int32))
+    return counts > 0
+
+
 def _choose(logits, key, temperature: float, top_k: int, top_p: float):
     """(token [b] int32, logprob [b] f32) for one step; greedy when temperature is 0."""
     scaled = logits.astype(jnp.float32) / (temperature if temperature > 0 else 1.0)
@@ -76,29 +120,41 @@ def _choose(logits, key, temperature: float, top_k: int, top_p: float):
 
 
 def generate(params, cfg: ModelConfig, prompt_tokens, prompt_mask, rng, *, max_new_tokens: int,
-             temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, eos_id: int = 2,
-             pad_id: int = 0, prompt_embeds=None) -> dict:
+             temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, eos_id=2,
+             pad_id: int = 0, repetition_penalty: float = 1.0, prompt_embeds=None,
+             on_token=None) -> dict:
     """Continue left-padded prompts by up to `max_new_tokens` tokens with a KV cache.
 
     Why this shape: RL and evaluation need whole batches of continuations, their logprobs and
     where each one stopped, from one compiled program. `prompt_tokens` [b, p] int32 and
-    `prompt_mask` [b, p] (1 = real token) are left-padded; `prompt_embeds` [b, p, hidden], if
-    given, replaces the prompt's token embeddings (soft prompts). Hyperparameters are static;
-    temperature 0 is greedy argmax and ignores top-k/top-p.
+    `prompt_mask` [b, p] (1 = real token) are left-padded; negative ids are virtual-token slots
+    of a soft prompt in `params`, and a prefix in `params` fills the first cache entries (both
+    via `prompts.model_inputs`). `prompt_embeds` [b, p, hidden], if given, replaces the prompt's
+    input embeddings. Hyperparameters are static; temperature 0 is greedy argmax and ignores
+    top-k/top-p; `repetition_penalty` (1.0 = off) discourages ids already in the prompt or
+    output, before temperature (see `penalize_repetition`).
 
-    A row emits `eos_id` once, then `pad_id` with logprob 0. Returns `tokens` [b, n] int32,
-    `logprobs` [b, n] f32 (see the module docstring), `lengths` [b] int32 (tokens emitted,
-    EOS included) and `done` [b] bool (EOS was emitted).
+    `eos_id` is one id or a sequence of ids: a row stops after emitting any of them, then emits
+    `pad_id` with logprob 0. `on_token`, a host function `(tokens [b] int32, active [b] bool)
+    -> [b] bool` called once per step in order, sees each step's tokens as they are made
+    (streaming) and may stop rows (True: the row is done after this token; stop strings). Returns `tokens` [b, n] int32, `logprobs` [b, n] f32 (see the
+    module docstring), `lengths` [b] int32 (tokens emitted, EOS included) and `done` [b] bool
+    (EOS was emitted).
     """
     b, p = prompt_tokens.shape
+    stop_ids = jnp.asarray(normalize_stop_ids(eos_id), jnp.int32)
+    penalize = repetition_penalty != 1.0
     mask = prompt_mask.astype(jnp.int32)
     # Run P-tuning encoders / prefix MLPs once here, not in every decode step of the loop.
     params = prompts.finalize(params)
-    if prompt_embeds is None:
-        prompt_embeds = llama.embed_tokens(params, cfg, prompt_tokens)
-    cache = llama.init_cache(cfg, b, p + max_new_tokens, params=params)
-    hidden, cache = llama.decode(params, cfg, prompt_embeds, positions_from_mask(mask), mask, cache)
-    next_position = jnp.sum(mask, axis=-1).astype(jnp.int32)  # position of generated token 0
+    inputs_embeds, positions, prefix = prompts.model_inputs(params, cfg, prompt_tokens,
+                                                            positions_from_mask(mask))
+    if prompt_embeds is not None:
+        inputs_embeds = prompt_embeds
+    cache = llama.init_cache(cfg, b, p + max_new_tokens, prefix=prefix)
+    hidden, cache = llama.decode(params, cfg, inputs_embeds, positions, mask, cache)
+    # Position of generated token 0: after the prefix (if any) and the row's real tokens.
+    next_position = prompts.prefix_length(params) + jnp.sum(mask, axis=-1).astype(jnp.int32)
 
     def not_finished(state):
         return (state["step"] < max_new_tokens) & ~jnp.all(state["done"])
@@ -111,23 +167,33 @@ def generate(params, cfg: ModelConfig, prompt_tokens, prompt_mask, rng, *, max_n
         token whose logits go unused.
         """
         step = state["step"]
-        token, logprob = _choose(state["logits"], jax.random.fold_in(rng, step), temperature,
-                                 top_k, top_p)
+        logits = state["logits"]
+        if penalize:
+            logits = penalize_repetition(logits, state["seen"], repetition_penalty)
+        token, logprob = _choose(logits, jax.random.fold_in(rng, step), temperature, top_k, top_p)
         active = ~state["done"]
         token = jnp.where(active, token, pad_id).astype(jnp.int32)
+        stop = jnp.isin(token, stop_ids)
+        if on_token is not None:
+            stop |= io_callback(lambda t, a: np.asarray(on_token(t, a), bool).reshape(b),
+                                jax.ShapeDtypeStruct((b,), jnp.bool_), token, active,
+                                ordered=True)
         logprob = jnp.where(active, logprob, 0.0)
         positions = (next_position + step)[:, None]
         hidden, cache = llama.decode(params, cfg, llama.embed_tokens(params, cfg, token[:, None]),
                                      positions, jnp.ones((b, 1), jnp.int32), state["cache"])
-        return {
+        new_state = {
             "step": step + 1,
             "logits": llama.logits_from_hidden(params, cfg, hidden[:, -1]),
             "cache": cache,
             "tokens": jax.lax.dynamic_update_slice(state["tokens"], token[:, None], (0, step)),
             "logprobs": jax.lax.dynamic_update_slice(state["logprobs"], logprob[:, None], (0, step)),
             "lengths": state["lengths"] + active.astype(jnp.int32),
-            "done": state["done"] | (active & (token == eos_id)),
+            "done": state["done"] | (active & stop),
         }
+        if penalize:
+            new_state["seen"] = state["seen"].at[jnp.arange(b), token].max(active)
+        return new_state
 
     state = {
         "step": jnp.zeros((), jnp.int32),
@@ -138,30 +204,38 @@ def generate(params, cfg: ModelConfig, prompt_tokens, prompt_mask, rng, *, max_n
         "lengths": jnp.zeros((b,), jnp.int32),
         "done": jnp.zeros((b,), bool),
     }
+    if penalize:  # virtual-token slots (negative ids) and padding are not vocabulary ids
+        state["seen"] = _seen_tokens(prompt_tokens, (mask > 0) & (prompt_tokens >= 0),
+                                     cfg.vocab_size)
     state = jax.lax.while_loop(not_finished, step_fn, state)
     return {k: state[k] for k in ("tokens", "logprobs", "lengths", "done")}
 
 
 def make_generate_fn(cfg: ModelConfig, max_new_tokens: int, temperature: float = 0.0,
-                     top_k: int = 0, top_p: float = 1.0, eos_id: int = 2, pad_id: int = 0):
+                     top_k: int = 0, top_p: float = 1.0, eos_id=2, pad_id: int = 0,
+                     repetition_penalty: float = 1.0):
     """A jitted `fn(params, prompt_tokens, prompt_mask, rng) -> generate(...)'s dict`.
 
     Binding the static hyperparameters once, and memoizing per (cfg, hyperparameters), lets
     training loops and evaluation call the sampler repeatedly without retracing or recompiling;
-    the values are normalized first so `temperature=1` and `temperature=1.0` share one program.
+    the values are normalized first so `temperature=1` and `temperature=1.0` (or `eos_id=2` and
+    `eos_id=[2]`) share one program. `eos_id` is one id or a sequence of stop ids.
     """
     return _jitted_generate(cfg, int(max_new_tokens), float(temperature), int(top_k),
-                            float(top_p), int(eos_id), int(pad_id))
+                            float(top_p), normalize_stop_ids(eos_id), int(pad_id),
+                            float(repetition_penalty))
 
 
 @functools.lru_cache(maxsize=32)
-def _jitted_generate(cfg, max_new_tokens, temperature, top_k, top_p, eos_id, pad_id):
+def _jitted_generate(cfg, max_new_tokens, temperature, top_k, top_p, eos_id, pad_id,
+                     repetition_penalty):
     """The memoized jitted sampler behind `make_generate_fn` (arguments already normalized)."""
 
     def fn(params, prompt_tokens, prompt_mask, rng):
         return generate(params, cfg, prompt_tokens, prompt_mask, rng,
                         max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
-                        top_p=top_p, eos_id=eos_id, pad_id=pad_id)
+                        top_p=top_p, eos_id=eos_id, pad_id=pad_id,
+                        repetition_penalty=repetition_penalty)
 
     return jax.jit(fn)
 
@@ -183,36 +257,40 @@ def left_pad(sequences: Sequence[np.ndarray], length: int, pad_id: int):
     return tokens, mask
 
 
-def _text_of(tokens: np.ndarray, eos_id: int, tokenizer) -> str:
-    """Decoded text of one generated row, cut before its first EOS."""
+def _text_of(tokens: np.ndarray, stop_ids: tuple[int, ...], tokenizer) -> str:
+    """Decoded text of one generated row, cut before its first stop id."""
     ids = tokens.tolist()
-    if eos_id in ids:
-        ids = ids[: ids.index(eos_id)]
-    return tokenizer.decode(ids)
+    stops = [i for i, t in enumerate(ids) if t in stop_ids]
+    return tokenizer.decode(ids[:stops[0]] if stops else ids)
 
 
 def generate_text(params, cfg: ModelConfig, tokenizer, prompts: list[str], *, max_new_tokens: int,
-                  temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, seed: int = 0,
+                  temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
+                  repetition_penalty: float = 1.0, seed: int = 0,
                   batch_size: int = 32) -> list[str]:
     """Completions of `prompts` as strings: the evaluation and demo path, strings in and out.
 
-    Prompts are encoded as in training (`[bos] + text`), batched `batch_size` at a time with the
-    last batch filled by dummy rows, and left-padded to a multiple of 16 tokens, so an evaluation
-    over many prompts compiles once per length bucket. Batch j samples with
-    `fold_in(key(seed), j)`; greedy output does not depend on batching.
+    Prompts are encoded as in training (`ptjax.data.encode_prompt`), batched `batch_size` at a
+    time with the last batch filled by dummy rows, and left-padded to a multiple of 16 tokens, so
+    an evaluation over many prompts compiles once per length bucket. Batch j samples with
+    `fold_in(key(seed), j)`; greedy output does not depend on batching. Generation stops at any
+    of the tokenizer's stop ids (`stop_ids`, else its `eos_id`).
     """
     encoded = [encode_prompt(text, tokenizer) for text in prompts]
     return generate_from_ids(params, cfg, tokenizer, encoded, max_new_tokens=max_new_tokens,
-                             temperature=temperature, top_k=top_k, top_p=top_p, seed=seed,
+                             temperature=temperature, top_k=top_k, top_p=top_p,
+                             repetition_penalty=repetition_penalty, seed=seed,
                              batch_size=batch_size)
 
 
 def generate_from_ids(params, cfg: ModelConfig, tokenizer, encoded: list[np.ndarray], *,
                       max_new_tokens: int, temperature: float = 0.0, top_k: int = 0,
-                      top_p: float = 1.0, seed: int = 0, batch_size: int = 32) -> list[str]:
+                      top_p: float = 1.0, repetition_penalty: float = 1.0, seed: int = 0,
+                      batch_size: int = 32) -> list[str]:
     """`generate_text` for prompts already encoded (e.g. with virtual-token slots)."""
-    fn = make_generate_fn(cfg, max_new_tokens, temperature, top_k, top_p, tokenizer.eos_id,
-                          tokenizer.pad_id)
+    stop_ids = tokenizer_stop_ids(tokenizer)
+    fn = make_generate_fn(cfg, max_new_tokens, temperature, top_k, top_p, stop_ids,
+                          tokenizer.pad_id, repetition_penalty)
     key = jax.random.key(seed)
     outputs: list[str] = []
     for start in range(0, len(encoded), batch_size):
@@ -223,5 +301,5 @@ def generate_from_ids(params, cfg: ModelConfig, tokenizer, encoded: list[np.ndar
         tokens, mask = left_pad(rows, length, tokenizer.pad_id)
         result = fn(params, tokens, mask, jax.random.fold_in(key, start // batch_size))
         generated = np.asarray(result["tokens"])
-        outputs += [_text_of(generated[i], tokenizer.eos_id, tokenizer) for i in range(len(batch))]
+        outputs += [_text_of(generated[i], stop_ids, tokenizer) for i in range(len(batch))]
     return outputs

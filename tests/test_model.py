@@ -1,5 +1,6 @@
 """Model behaviour the numpy reference does not cover: the KV cache, padding, remat."""
 
+import ast
 import dataclasses
 
 import chex
@@ -81,13 +82,34 @@ def test_remat_changes_memory_not_gradients():
             assert "remat" not in jaxpr
 
 
-def test_virtual_token_ids_pick_their_prompt_rows():
-    """Id -1 is virtual token 0, -2 virtual token 1, ...; other ids are table rows."""
+def _imported_modules(path):
+    """Every module an `import` or `from ... import` statement in the file at `path` names."""
+    found = set()
+    for node in ast.walk(ast.parse(open(path).read())):
+        if isinstance(node, ast.Import):
+            found |= {alias.name for alias in node.names}
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            found |= {base} | {f"{base}.{alias.name}" for alias in node.names}
+    return found
+
+
+def test_model_imports_nothing_from_methods():
+    """Principle 6: soft prompts, quantization and pruning compose on top of the model through
+    its explicit hooks (input embeddings, prefix keys/values); the model never imports them."""
+    names = _imported_modules(llama.__file__)
+    assert "ptjax.ops" in names and "ptjax.models.config.ModelConfig" in names  # parser sees imports
+    for method in ("ptjax.peft", "ptjax.quant", "ptjax.prune"):
+        assert not [n for n in names if n == method or n.startswith(method + ".")], method
+
+
+def test_embed_tokens_is_a_plain_lookup():
+    """Soft prompts are not the model's business: `params["prompt"]` does not change embeddings."""
     rows = np.arange(3 * CFG.hidden, dtype=np.float32).reshape(3, CFG.hidden)
     params = {**PARAMS, "prompt": {"embeddings": jnp.asarray(rows)}}
-    got = llama.embed_tokens(params, CFG, jnp.asarray([[-1, -2, -3, 5]]))
-    np.testing.assert_array_equal(got[0, :3], rows)
-    np.testing.assert_array_equal(got[0, 3], PARAMS["embed"]["embedding"][5])
+    tokens = jnp.asarray([[7, 5, 0, 9]])
+    np.testing.assert_array_equal(llama.embed_tokens(params, CFG, tokens),
+                                  np.asarray(PARAMS["embed"]["embedding"])[[[7, 5, 0, 9]]])
 
 
 def test_init_shapes_and_float32_master_weights():

@@ -1,5 +1,6 @@
 """PEFT methods as pytree transforms: identity at init, merge == unmerged, only adapters train,
-cached generation with soft prompts equals the uncached forward."""
+soft prompts placed as PEFT places them (checked against a numpy reference), cached generation
+with soft prompts equals the uncached forward."""
 
 import functools
 import re
@@ -235,16 +236,172 @@ def test_method_trains_only_its_parameters_and_lowers_loss(method, warm_base):
     chex.assert_trees_all_equal(state.frozen, frozen_before)
 
 
+def _soft_logits(params, cfg, tokens, positions, segment_ids):
+    """Logits of `tokens` with the soft prompt / prefix in `params`, composed as the train step
+    and the sampler compose them (`prompts.model_inputs` feeding the model's hooks)."""
+    inputs_embeds, positions, prefix = prompts.model_inputs(params, cfg, tokens, positions)
+    h = llama.hidden_states(params, cfg, inputs_embeds, positions, segment_ids, prefix=prefix)
+    return llama.logits_from_hidden(params, cfg, h)
+
+
+_soft_logits_jit = jax.jit(_soft_logits, static_argnums=1)
+
+
+def soft_logits(params, tokens, positions=None, segment_ids=None):
+    tokens = jnp.asarray(tokens)
+    b, s = tokens.shape
+    if positions is None:
+        positions = jnp.broadcast_to(jnp.arange(s, dtype=jnp.int32), (b, s))
+    if segment_ids is None:
+        segment_ids = jnp.ones((b, s), jnp.int32)
+    return _soft_logits_jit(params, CFG, tokens, jnp.asarray(positions), jnp.asarray(segment_ids))
+
+
+def numpy_logits(params, embeds, positions, prefix_values=None):
+    """float64 logits [s, vocab] of one sequence from its input embeddings [s, hidden], written
+    from the Hugging Face Llama equations without `llama.py`: per-head attention with KV heads
+    repeated, rotate-half RoPE at `positions`, and, with `prefix_values` [P, layers*2*kv*hd]
+    (PEFT's layout: per token, layer i's key is block 2i, its value block 2i+1), P unrotated
+    key/value entries in front that every token attends to."""
+    c, f = CFG, (lambda a: np.asarray(a, np.float64))
+    x, positions = f(embeds), f(positions)
+    s, hd = x.shape[0], c.head_dim
+
+    def norm(v, w):
+        return v / np.sqrt((v * v).mean(-1, keepdims=True) + c.norm_eps) * f(w)
+
+    def rope(v):  # [s, heads, hd]
+        ang = positions[:, None] * c.rope_theta ** (-np.arange(0, hd, 2) / hd)
+        cos, sin = np.cos(ang)[:, None], np.sin(ang)[:, None]
+        lo, hi = v[..., :hd // 2], v[..., hd // 2:]
+        return np.concatenate([lo * cos - hi * sin, hi * cos + lo * sin], -1)
+
+    n_prefix = 0 if prefix_values is None else len(prefix_values)
+    if n_prefix:
+        pv = f(prefix_values).reshape(n_prefix, c.layers, 2, c.kv_heads, hd)
+    allowed = np.concatenate([np.ones((s, n_prefix), bool), np.tril(np.ones((s, s), bool))], 1)
+    for i in range(c.layers):
+        p = params[f"layers_{i}"]
+        h = norm(x, p["attn_norm"]["scale"])
+        q = rope((h @ f(p["attn"]["q"]["kernel"])).reshape(s, c.heads, hd))
+        k = rope((h @ f(p["attn"]["k"]["kernel"])).reshape(s, c.kv_heads, hd))
+        v = (h @ f(p["attn"]["v"]["kernel"])).reshape(s, c.kv_heads, hd)
+        if n_prefix:
+            k, v = np.concatenate([pv[:, i, 0], k]), np.concatenate([pv[:, i, 1], v])
+        k, v = np.repeat(k, c.groups, axis=1), np.repeat(v, c.groups, axis=1)
+        scores = np.where(allowed, np.einsum("qhd,khd->hqk", q, k) / np.sqrt(hd), -np.inf)
+        probs = np.exp(scores - scores.max(-1, keepdims=True))
+        probs /= probs.sum(-1, keepdims=True)
+        x = x + np.einsum("hqk,khd->qhd", probs, v).reshape(s, -1) @ f(p["attn"]["o"]["kernel"])
+        h = norm(x, p["mlp_norm"]["scale"])
+        gate = h @ f(p["mlp"]["gate"]["kernel"])
+        x = x + (gate / (1 + np.exp(-gate)) * (h @ f(p["mlp"]["up"]["kernel"]))) @ f(
+            p["mlp"]["down"]["kernel"])
+    return norm(x, params["final_norm"]["scale"]) @ f(params["lm_head"]["kernel"])
+
+
+def with_soft_prompt(method, seed=3, **kw):
+    """BASE with a perturbed (so it matters) soft prompt or prefix of 4 virtual tokens."""
+    cfg = peft_cfg(method, **kw)
+    params, _ = peft.apply(BASE, CFG, cfg, jax.random.key(seed))
+    return cfg, perturb(params, prompts.TRAINABLE, key=seed, scale=0.5)
+
+
+def test_prompt_tuning_prepends_virtual_tokens_before_bos():
+    """PEFT's placement: [virtual 0..P-1, BOS, text...] at positions 0..P+n-1."""
+    cfg, params = with_soft_prompt("prompt")
+    ids = np.asarray([1, 40, 41, 42, 43, 44])
+    slotted, mask = peft.add_virtual_slots((ids, np.asarray([0, 0, 0, 1, 1, 1], bool)), cfg)
+    np.testing.assert_array_equal(slotted, [-1, -2, -3, -4, 1, 40, 41, 42, 43, 44])
+    np.testing.assert_array_equal(mask, [0, 0, 0, 0, 0, 0, 0, 1, 1, 1])
+    got = np.asarray(soft_logits(params, slotted[None]))[0]
+    virtual = np.asarray(params["prompt"]["embeddings"])
+    embeds = np.concatenate([virtual, np.asarray(BASE["embed"]["embedding"])[ids]])
+    n = len(embeds)
+    hand = llama.logits_from_hidden(BASE, CFG, llama.hidden_states(
+        BASE, CFG, jnp.asarray(embeds)[None], jnp.arange(n)[None], jnp.ones((1, n), jnp.int32)))
+    np.testing.assert_allclose(got, hand[0], rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(got, numpy_logits(BASE, embeds, np.arange(n)), rtol=1e-4,
+                               atol=1e-4)
+    # The prompt matters, and where it sits matters (after BOS is another function).
+    after_bos = np.concatenate([ids[:1], slotted[:4], ids[1:]])
+    assert np.abs(np.asarray(soft_logits(params, after_bos[None]))[0, 5:] - got[5:]).max() > 1e-3
+
+
+def test_prefix_tuning_matches_numpy_attention_with_positions_after_the_prefix():
+    """Prefix entries are P unrotated keys/values in front; the real tokens' queries and keys
+    sit at positions P.. (transformers derives positions from the cache length)."""
+    _, params = with_soft_prompt("prefix", reparam_hidden=16)
+    values = np.asarray(prompts.prefix_values(params["prefix"]))
+    ids = np.asarray([1, 40, 41, 42, 43, 44, 45])
+    got = np.asarray(soft_logits(params, ids[None]))[0]
+    embeds = np.asarray(BASE["embed"]["embedding"])[ids]
+    want = numpy_logits(BASE, embeds, 4 + np.arange(len(ids)), values)
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
+    # Positions from 0 (the old placement) are another function.
+    assert np.abs(numpy_logits(BASE, embeds, np.arange(len(ids)), values) - want).max() > 1e-3
+
+
+def test_packed_and_padded_prefix_rows_equal_examples_alone_and_the_loss_uses_them():
+    """Every packed segment sees the prefix and starts at position P, in the train step's loss
+    as in a plain forward; padding changes nothing."""
+    cfg, params = with_soft_prompt("prefix")
+    a = (np.asarray([1, 30, 31, 32, 33]), np.asarray([0, 0, 1, 1, 1], bool))
+    b = (np.asarray([1, 50, 51]), np.asarray([0, 1, 1], bool))
+    rows = D.pack([a, b], 16)
+    packed = np.asarray(soft_logits(params, rows["inputs"], rows["positions"],
+                                    rows["segment_ids"]))[0]
+    values = np.asarray(prompts.prefix_values(params["prefix"]))
+    table = np.asarray(BASE["embed"]["embedding"])
+    nll, weight = 0.0, 0.0
+    for seg, (ids, _) in enumerate([a, b], start=1):
+        where = np.nonzero(rows["segment_ids"][0] == seg)[0]
+        alone = numpy_logits(BASE, table[ids], 4 + np.arange(len(ids)), values)
+        np.testing.assert_allclose(packed[where], alone, rtol=1e-4, atol=1e-4)
+        logp = alone - np.log(np.exp(alone).sum(-1, keepdims=True))
+        targets, w = rows["targets"][0][where], rows["loss_mask"][0][where]
+        nll -= (logp[np.arange(len(where)), targets] * w).sum()
+        weight += w.sum()
+    assert (rows["segment_ids"][0] == 0).any()  # the row really has padding
+    loss, aux = jax.jit(next_token_nll, static_argnums=1)(params, CFG, rows)
+    assert float(aux["tokens"]) == weight
+    np.testing.assert_allclose(float(loss), nll, rtol=1e-4)
+
+
+def test_ptuning_template_and_prepend_placements():
+    """`prepend` is PEFT's P_TUNING placement, the same as prompt tuning for the same vectors;
+    the template places them elsewhere and computes something else."""
+    ids, mask = np.asarray([1, 10, 11, 12, 20, 21, 2]), np.asarray([0, 0, 0, 0, 1, 1, 1], bool)
+    vectors = {"embeddings": 0.5 * jax.random.normal(jax.random.key(5), (4, CFG.hidden))}
+    params = {**BASE, "prompt": vectors}
+    prompt_ids, _ = peft.add_virtual_slots((ids, mask), peft_cfg("prompt"))
+    prepend, prepend_mask = peft.add_virtual_slots(
+        (ids, mask), peft_cfg("ptuning", ptuning_placement=_runtime("prepend")))
+    template, _ = peft.add_virtual_slots((ids, mask), peft_cfg("ptuning"))
+    np.testing.assert_array_equal(prepend, prompt_ids)
+    np.testing.assert_array_equal(prepend, [-1, -2, -3, -4, 1, 10, 11, 12, 20, 21, 2])
+    np.testing.assert_array_equal(prepend_mask, [0] * 8 + [1, 1, 1])
+    np.testing.assert_array_equal(template, [1, -1, -2, 10, 11, 12, -3, -4, 20, 21, 2])
+    by_prepend = np.asarray(soft_logits(params, prepend[None]))[0]
+    np.testing.assert_array_equal(by_prepend, np.asarray(soft_logits(params, prompt_ids[None]))[0])
+    by_template = np.asarray(soft_logits(params, template[None]))[0]
+    assert np.abs(by_template[-3:] - by_prepend[-3:]).max() > 1e-3  # the completion's logits
+    with pytest.raises(ValueError, match="peft.ptuning_placement: unknown placement 'zzz'"):
+        peft.add_virtual_slots((ids, mask), peft_cfg("ptuning", ptuning_placement="zzz"))
+
+
 def _cached_logits(params, tokens, chunks):
+    """Logits of `tokens` fed through the KV cache in chunks, soft prompt / prefix included."""
     b, s = tokens.shape
     positions = jnp.broadcast_to(jnp.arange(s), (b, s))
-    cache = llama.init_cache(CFG, b, s, params=params)
+    inputs_embeds, positions, prefix = prompts.model_inputs(params, CFG, tokens, positions)
+    cache = llama.init_cache(CFG, b, s, prefix=prefix)
     out, start = [], 0
     decode = jax.jit(llama.decode, static_argnums=1)
     for n in chunks:
         sl = slice(start, start + n)
-        h, cache = decode(params, CFG, llama.embed_tokens(params, CFG, tokens[:, sl]),
-                          positions[:, sl], jnp.ones((b, n), jnp.int32), cache)
+        h, cache = decode(params, CFG, inputs_embeds[:, sl], positions[:, sl],
+                          jnp.ones((b, n), jnp.int32), cache)
         out.append(llama.logits_from_hidden(params, CFG, h))
         start += n
     return jnp.concatenate(out, axis=1)
@@ -259,14 +416,13 @@ def test_cached_generation_with_soft_prompt_equals_uncached_forward(method):
     ids, mask = peft.add_virtual_slots((np.asarray([1, 40, 41, 42, 43, 44, 45, 46]),
                                         np.asarray([0, 0, 0, 0, 0, 1, 1, 1], bool)), cfg)
     tokens = jnp.asarray(np.stack([ids, ids[::-1].copy()]))
-    full = forward(params, CFG, tokens)
+    full = soft_logits(params, tokens)
     np.testing.assert_allclose(_cached_logits(params, tokens, [5, 1, tokens.shape[1] - 6]),
                                full, rtol=1e-5, atol=1e-5)
     # The soft prompt matters: without it (virtual ids read as token 0 / no prefix) logits change.
-    stripped = {k: v for k, v in params.items() if k not in ("prompt", "prefix")}
-    assert np.abs(np.asarray(forward(stripped, CFG, jnp.maximum(tokens, 0)) - full)).max() > 1e-3
+    assert np.abs(np.asarray(forward(BASE, CFG, jnp.maximum(tokens, 0)) - full)).max() > 1e-3
     # Finalizing (dropping encoders / reparameterization) keeps the function.
-    np.testing.assert_allclose(forward(prompts.finalize(params), CFG, tokens), full,
+    np.testing.assert_allclose(soft_logits(prompts.finalize(params), tokens), full,
                                rtol=1e-5, atol=1e-6)
 
 
@@ -278,6 +434,27 @@ def test_ptuning_places_virtual_tokens_inside_the_template():
     np.testing.assert_array_equal(mask, [0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1])
 
 
+def test_insert_virtual_never_duplicates_tokens():
+    """All three places at once, and a loss on the first token (nothing before the completion
+    but the first token): every original token appears once, in order."""
+    ids = np.asarray([5, 6, 7])
+    got, mask = prompts.insert_virtual(ids, np.asarray([1, 1, 0], bool), prepend=2, after_bos=1,
+                                       before_completion=2)
+    np.testing.assert_array_equal(got, [-1, -2, 5, -3, -4, -5, 6, 7])
+    np.testing.assert_array_equal(mask, [0, 0, 1, 0, 0, 0, 1, 0])
+    got, _ = prompts.insert_virtual(ids, np.zeros(3, bool), before_completion=1)
+    np.testing.assert_array_equal(got, [5, 6, 7, -1])  # no completion yet: at the end (sampling)
+
+
+def test_virtual_ids_pick_their_prompt_rows():
+    """Id -1 is virtual token 0, -2 virtual token 1, ...; other ids are table rows."""
+    rows = np.arange(3 * CFG.hidden, dtype=np.float32).reshape(3, CFG.hidden)
+    params = {**BASE, "prompt": {"embeddings": jnp.asarray(rows)}}
+    got = prompts.embed(params, CFG, jnp.asarray([[-1, -2, -3, 5]]))
+    np.testing.assert_array_equal(got[0, :3], rows)
+    np.testing.assert_array_equal(got[0, 3], BASE["embed"]["embedding"][5])
+
+
 def test_packed_prompt_tuning_rows_equal_examples_alone():
     cfg = peft_cfg("prompt")
     params, _ = peft.apply(BASE, CFG, cfg, jax.random.key(2))
@@ -285,11 +462,10 @@ def test_packed_prompt_tuning_rows_equal_examples_alone():
     a = peft.add_virtual_slots((np.asarray([1, 30, 31, 32]), np.ones(4, bool)), cfg)
     b = peft.add_virtual_slots((np.asarray([1, 50, 51]), np.ones(3, bool)), cfg)
     rows = D.pack([a, b], 32)
-    packed = forward(params, CFG, jnp.asarray(rows["inputs"]), jnp.asarray(rows["positions"]),
-                     jnp.asarray(rows["segment_ids"]))
+    packed = soft_logits(params, rows["inputs"], rows["positions"], rows["segment_ids"])
     for seg, (ids, _) in enumerate([a, b], start=1):
         where = np.nonzero(rows["segment_ids"][0] == seg)[0]
-        alone = forward(params, CFG, jnp.asarray(ids)[None])[0]
+        alone = soft_logits(params, ids[None])[0]
         np.testing.assert_allclose(packed[0, where], alone, rtol=1e-5, atol=1e-5)
 
 
@@ -367,6 +543,10 @@ def test_virtual_slots_split_ptuning_tokens_around_the_prompt(n, front):
     want = np.concatenate([[1], -np.arange(1, front + 1), [2, 3, 4],
                            -np.arange(front + 1, n + 1), [5, 6, 7]])
     np.testing.assert_array_equal(got, want)
+    for method in ("prompt", "ptuning"):  # PEFT's placement: all in front
+        got, _ = peft.add_virtual_slots((ids, mask), peft_cfg(method, num_virtual=n,
+                                                              ptuning_placement="prepend"))
+        np.testing.assert_array_equal(got, np.concatenate([-np.arange(1, n + 1), ids]))
     for method in ("full", "lora", "dora", "ia3", "adapter", "prefix"):
         same = peft.add_virtual_slots((ids, mask), peft_cfg(method, num_virtual=n))
         assert same[0] is ids and same[1] is mask, method  # no slots for these methods

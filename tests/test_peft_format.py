@@ -370,3 +370,14 @@ def test_prefix_width_mismatch_names_the_file(base, tmp_path):
 def test_save_refuses_nodes_of_another_method(base, tmp_path):
     with pytest.raises(ValueError, match="LoRA node.*IA3"):
         pf.save_adapter(lora_params(base, rank=2), CFG, tmp_path, method="ia3")
+
+
+def test_p_tuning_files_mean_prepend_placement(base, tmp_path):
+    """PEFT's P_TUNING prepends every virtual token; a template-placed adapter would compute
+    something else there, so saving one is refused rather than written."""
+    params = {**base, "prompt": {"embeddings": np.ones((4, CFG.hidden), np.float32)}}
+    with pytest.raises(ValueError, match="ptuning_placement='template'.*prepends every virtual"):
+        pf.save_adapter(params, CFG, tmp_path, method="p_tuning", ptuning_placement="template")
+    assert not os.path.exists(os.path.join(tmp_path, pf.CONFIG_FILE))
+    pf.save_adapter(params, CFG, tmp_path, method="p_tuning", ptuning_placement="prepend")
+    assert saved(tmp_path)[0]["peft_type"] == "P_TUNING"

@@ -1,3 +1,5 @@
+import types
+
 import chex
 import jax
 import jax.numpy as jnp
@@ -8,6 +10,7 @@ from ptjax import sampling
 from ptjax.data import ByteTokenizer
 from ptjax.models import llama
 from ptjax.models.config import preset
+from ptjax.peft import prompts
 
 CFG = preset("tiny")
 N_NEW = 8
@@ -319,3 +322,184 @@ def test_filter_logits_on_leading_axes():
         for j in range(4):
             keep = _numpy_filter(logits[i, j].astype(np.float64), 10, 0.6)
             np.testing.assert_array_equal(out[i, j] > -1e30, keep, err_msg=f"{i},{j}")
+
+
+# ----------------------------------------------------------------------------- stop ids
+
+
+def test_any_of_several_eos_ids_stops_a_row():
+    stops = (REFERENCE[0][0][3], REFERENCE[1][0][2])  # row 0's token at step 3, row 1's at 2
+    assert stops[0] != stops[1]
+    fn = sampling.make_generate_fn(CFG, N_NEW, eos_id=list(stops))
+    assert fn is sampling.make_generate_fn(CFG, N_NEW, eos_id=stops)  # one program
+    out = fn(PARAMS, TOKENS, MASK, jax.random.key(0))
+    stopped_by = set()
+    for row, (tokens, _) in enumerate(REFERENCE):
+        hits = [i for i, t in enumerate(tokens) if t in stops]
+        stop = hits[0] + 1 if hits else N_NEW
+        stopped_by |= {tokens[hits[0]]} if hits else set()
+        np.testing.assert_array_equal(out["tokens"][row], tokens[:stop] + [0] * (N_NEW - stop),
+                                      err_msg=f"row {row}")
+        assert int(out["lengths"][row]) == stop and bool(out["done"][row]) == bool(hits)
+    assert stopped_by == set(stops)  # each id stopped some row
+
+
+class StopTokenizer(ByteTokenizer):
+    """Bytes with an extra stop id, as a chat tokenizer's end-of-turn token."""
+
+    def __init__(self, extra):
+        super().__init__()
+        self.stop_ids = (self.eos_id, extra)
+
+
+def test_generate_text_stops_at_the_tokenizer_stop_ids():
+    plain = ByteTokenizer()
+    prompts = ["hi", "hello world"]
+    reference = _reference([[1] + plain.encode(p) for p in prompts], N_NEW)
+    extra = reference[0][0][2]
+    tok = StopTokenizer(extra)
+    assert sampling.tokenizer_stop_ids(tok) == (tok.eos_id, extra)
+    got = sampling.generate_text(PARAMS, CFG, tok, prompts, max_new_tokens=N_NEW, batch_size=2)
+    for text, (tokens, _) in zip(got, reference):
+        hits = [i for i, t in enumerate(tokens) if t in (tok.eos_id, extra)]
+        assert text == tok.decode(tokens[:hits[0]] if hits else tokens)
+    assert got[0] == tok.decode(reference[0][0][:2])
+    # A tokenizer without `stop_ids` stops at its EOS.
+    assert sampling.tokenizer_stop_ids(types.SimpleNamespace(eos_id=7)) == (7,)
+
+
+# ----------------------------------------------------------------------------- repetition penalty
+
+
+def test_penalize_repetition_matches_numpy():
+    rng = np.random.default_rng(3)
+    logits = (rng.normal(size=(4, 50)) * 3).astype(np.float32)
+    seen = rng.random((4, 50)) < 0.3
+    got = np.asarray(sampling.penalize_repetition(jnp.asarray(logits), jnp.asarray(seen), 1.7))
+    want = logits.copy()
+    for r in range(4):
+        for t in range(50):
+            if seen[r, t]:
+                want[r, t] = logits[r, t] / 1.7 if logits[r, t] > 0 else logits[r, t] * 1.7
+    np.testing.assert_allclose(got, want, rtol=1e-6)
+    assert (got != logits).any() and (got[~seen] == logits[~seen]).all()
+
+
+def _penalized_reference(prompts, n_new, penalty):
+    """Greedy (tokens, logprobs) with transformers' repetition penalty over the prompt's and the
+    generated ids, one uncached forward per step."""
+    seqs = [list(p) for p in prompts]
+    results = [([], []) for _ in prompts]
+    for _ in range(n_new):
+        for i, logits in enumerate(_logits(seqs)):
+            step = logits[-1].astype(np.float64)
+            for t in set(seqs[i]):
+                step[t] = step[t] / penalty if step[t] > 0 else step[t] * penalty
+            token = int(np.argmax(step))
+            results[i][0].append(token)
+            results[i][1].append(float(_log_softmax(step)[token]))
+            seqs[i].append(token)
+    return results
+
+
+def test_repetition_penalty_greedy_matches_reference():
+    penalty = 1.5
+    reference = _penalized_reference(PROMPTS, N_NEW, penalty)
+    # Pad with the id that the padded row 1 picks first: were padding counted as seen, that
+    # row's first token would be penalized.
+    pad = reference[1][0][0]
+    assert pad not in PROMPTS[1] and len(PROMPTS[1]) < 16
+    tokens, mask = sampling.left_pad(PROMPTS, 16, pad)
+    fn = sampling.make_generate_fn(CFG, N_NEW, eos_id=-1, pad_id=pad, repetition_penalty=penalty)
+    out = fn(PARAMS, tokens, mask, jax.random.key(0))
+    for row, (want, logprobs) in enumerate(reference):
+        np.testing.assert_array_equal(out["tokens"][row], want, err_msg=f"row {row}")
+        np.testing.assert_allclose(out["logprobs"][row], logprobs, atol=1e-4)
+    assert [t for t, _ in reference] != [t for t, _ in REFERENCE]  # the penalty acted
+
+
+def test_repetition_penalty_breaks_a_copy_loop():
+    """A crafted model that predicts its input token (no layers' effect, head = embeddings)
+    repeats the prompt's last token forever; the penalty makes it move on."""
+    rng = np.random.default_rng(0)
+    table = rng.normal(0, 1.0, (CFG.vocab_size, CFG.hidden)).astype(np.float32)
+    params = jax.tree.map(jnp.zeros_like, PARAMS)
+    params = {**params, "embed": {"embedding": jnp.asarray(table)},
+              "lm_head": {"kernel": jnp.asarray(table.T)},
+              "final_norm": {"scale": jnp.ones(CFG.hidden)}}
+    prompt = np.asarray([[1, 40, 41, 42]], np.int32)
+    mask = np.ones_like(prompt)
+    plain = sampling.make_generate_fn(CFG, 6, eos_id=-1)(params, prompt, mask, jax.random.key(0))
+    np.testing.assert_array_equal(plain["tokens"][0], [42] * 6)
+    fn = sampling.make_generate_fn(CFG, 6, eos_id=-1, repetition_penalty=4.0)
+    got = np.asarray(fn(params, prompt, mask, jax.random.key(0))["tokens"][0])
+    assert len(set(got.tolist())) == 6 and not set(got.tolist()) & {1, 40, 41, 42}
+
+
+# ----------------------------------------------------------------------------- soft prompts
+
+
+def _with(part, seed):
+    """PARAMS with a random 4-token soft prompt (`prompt`) or prefix (`prefix`)."""
+    rng = np.random.default_rng(seed)
+    width = CFG.hidden if part == "prompt" else prompts.prefix_width(CFG)
+    return {**PARAMS, part: {"embeddings": jnp.asarray(rng.normal(0, 1.0, (4, width)),
+                                                       jnp.float32)}}
+
+
+@jax.jit
+def _soft_forward(params, tokens, positions, segments):
+    embeds, positions, prefix = prompts.model_inputs(params, CFG, tokens, positions)
+    h = llama.hidden_states(params, CFG, embeds, positions, segments, prefix=prefix)
+    return llama.logits_from_hidden(params, CFG, h)
+
+
+def _soft_reference(params, seqs, n_new):
+    """Greedy tokens per sequence, re-running the whole (uncached) soft-prompt forward each step
+    on right-padded rows (causal attention never sees the padding after a token)."""
+    seqs = [list(s) for s in seqs]
+    for _ in range(n_new):
+        tokens = np.zeros((len(seqs), WIDTH), np.int32)
+        segments = np.zeros((len(seqs), WIDTH), np.int32)
+        for row, seq in enumerate(seqs):
+            tokens[row, :len(seq)], segments[row, :len(seq)] = seq, 1
+        positions = np.broadcast_to(np.arange(WIDTH, dtype=np.int32), tokens.shape)
+        logits = np.asarray(_soft_forward(params, tokens, positions, segments))
+        for row, seq in enumerate(seqs):
+            seq.append(int(np.argmax(logits[row, len(seq) - 1])))
+    return [seq[-n_new:] for seq in seqs]
+
+
+@pytest.mark.parametrize("part", ["prompt", "prefix"])
+def test_soft_prompt_sampling_equals_full_reforward(part):
+    params = _with(part, seed=4)
+    seqs = PROMPTS if part == "prefix" else [np.concatenate([-np.arange(1, 5), p]) for p in PROMPTS]
+    tokens, mask = sampling.left_pad(seqs, 16, 0)
+    out = sampling.make_generate_fn(CFG, N_NEW, eos_id=-1)(params, tokens, mask,
+                                                           jax.random.key(0))
+    want = _soft_reference(params, seqs, N_NEW)
+    np.testing.assert_array_equal(out["tokens"], want)
+    assert want != [t for t, _ in REFERENCE]  # the soft prompt changes the continuation
+
+
+def test_on_token_streams_each_step_and_can_stop_rows():
+    """The host callback sees every step's tokens in order (what a streaming printer needs), and
+    a row it flags is done after that token, as with EOS."""
+    calls = []
+
+    def on_token(tokens, active):
+        calls.append((np.asarray(tokens).tolist(), np.asarray(active).tolist()))
+        return np.asarray([len(calls) >= 3] + [False] * (len(tokens) - 1))  # stop row 0 at 3
+
+    generate = jax.jit(sampling.generate, static_argnums=1,
+                       static_argnames=("max_new_tokens", "eos_id", "on_token"))
+    out = generate(PARAMS, CFG, TOKENS, MASK, jax.random.key(0), max_new_tokens=N_NEW, eos_id=-1,
+                   on_token=on_token)
+    jax.effects_barrier()
+    assert len(calls) == N_NEW
+    np.testing.assert_array_equal(np.asarray([c[0] for c in calls]).T, out["tokens"])
+    assert [c[1][0] for c in calls] == [True] * 3 + [False] * (N_NEW - 3)
+    np.testing.assert_array_equal(out["tokens"][0], REFERENCE[0][0][:3] + [0] * (N_NEW - 3))
+    assert int(out["lengths"][0]) == 3 and bool(out["done"][0]) and not out["done"][1:].any()
+    for row in range(1, len(PROMPTS)):
+        np.testing.assert_array_equal(out["tokens"][row], REFERENCE[row][0])

@@ -17,6 +17,13 @@ Prompt-learning methods save one tensor, `prompt_embeddings`, holding the final 
 values (never the P-tuning encoder or the prefix MLP). For prefix tuning on grouped-query
 models PEFT sizes `token_dim` and `num_attention_heads` by the key/value heads, so the tensor is
 [num_virtual_tokens, num_layers * 2 * kv_heads * head_dim], the layout `prompts.prefix_kv` reads.
+
+The files carry values, not placement; both libraries place them the same way (see
+`ptjax.peft.prompts`): PROMPT_TUNING and P_TUNING put every virtual token in front of the whole
+input, BOS included (in ptjax: method `prompt`, or `ptuning` with
+`peft.ptuning_placement = "prepend"`), and PREFIX_TUNING's entries come first in every
+attention with the real tokens' positions starting at P. A P-tuning adapter trained with
+ptjax's template placement has no PEFT equivalent, so `save_adapter` refuses it.
 """
 
 from __future__ import annotations
@@ -130,7 +137,8 @@ def _weight_shape(w) -> tuple[int, ...]:
 def save_adapter(params, model_cfg: ModelConfig, folder: str, *, method: str,
                  base_model_name_or_path: str = "", lora_alpha: float | None = None,
                  rank: int | None = None, dropout: float | None = None, use_rslora: bool = False,
-                 target_modules=None, dtype: str = "float32") -> None:
+                 target_modules=None, dtype: str = "float32",
+                 ptuning_placement: str = "prepend") -> None:
     """Write the adapter in `params` as a PEFT folder that `PeftModel.from_pretrained` loads.
 
     Why: a trained adapter is only useful outside ptjax in the format the ecosystem exchanges.
@@ -138,12 +146,18 @@ def save_adapter(params, model_cfg: ModelConfig, folder: str, *, method: str,
     `rank`, `lora_alpha` and `dropout` default to what the nodes hold (the most common rank and
     alpha; modules that differ go to `rank_pattern` / `alpha_pattern`); `use_rslora` must say how
     the nodes' scale was computed, since a scale alone cannot tell. `target_modules` defaults to
-    the modules that carry nodes. Prompt methods save `prompts.finalize(params)`'s vectors.
-    `dtype` ("float32", "bfloat16", "float16") is the stored precision.
+    the modules that carry nodes. Prompt methods save `prompts.finalize(params)`'s vectors;
+    for p_tuning, `ptuning_placement` says how the adapter was trained, and only "prepend" (the
+    placement PEFT's P_TUNING runs with) is accepted. `dtype` ("float32", "bfloat16",
+    "float16") is the stored precision.
     """
     if method not in METHODS:
         raise ValueError(f"save_adapter: unknown method {method!r}; "
                          f"choose one of {sorted(METHODS)}")
+    if method == "p_tuning" and ptuning_placement != "prepend":
+        raise ValueError(f"save_adapter: ptuning_placement={ptuning_placement!r}, but PEFT's "
+                         "P_TUNING prepends every virtual token; only an adapter trained with "
+                         "ptuning_placement='prepend' computes the same thing there")
     if dtype not in _SAVE_DTYPES:
         raise ValueError(f"save_adapter: dtype must be one of {sorted(_SAVE_DTYPES)}, "
                          f"got {dtype!r}")
@@ -328,6 +342,8 @@ def load_adapter(params, folder: str):
     merge in ptjax. Everything is checked before anything is built: an unknown peft_type, a
     tensor for a module the base lacks, or a shape that disagrees with the base raises
     ValueError naming the file and the key or field. Values load as float32 numpy arrays.
+    Prompt-learning adapters are placed as PEFT places them (see the module docstring): a
+    P_TUNING file is a `ptuning` adapter with `ptuning_placement = "prepend"`.
     """
     files = _Files(folder)
     config = files.config()

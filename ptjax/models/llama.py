@@ -17,6 +17,11 @@ NF4, ...) plug in without this file changing. Pure functions instead of `flax.li
 Attention masking is one rule for training, packing, padding, prefixes and the KV cache: query i
 sees key j iff `slot_j <= slot_i` and the key's segment equals the query's (segment 0 is padding;
 a negative key segment, used for prefixes, is visible to every non-padding query).
+
+The model has two explicit hooks for methods that add inputs, and nothing else: input embeddings
+(`hidden_states` and `decode` take embeddings, not ids) and per-layer prefix keys/values
+(`hidden_states(prefix=...)`, `init_cache(prefix=...)`). Soft prompts compose on top of these
+(`ptjax.peft.prompts.model_inputs`); this module imports nothing from `ptjax.peft`.
 """
 
 from __future__ import annotations
@@ -30,7 +35,6 @@ import jax.numpy as jnp
 from ptjax import ops
 from ptjax.sharding import constrain
 from ptjax.models.config import ModelConfig
-from ptjax.peft import prompts
 
 Params = dict[str, Any]
 F32 = jnp.float32
@@ -214,17 +218,12 @@ def decoder_layer(p, cfg: ModelConfig, x, positions, mask, kv=None, write_slot=N
 
 
 def embed_tokens(params: Params, cfg: ModelConfig, tokens):
-    """Token ids [b, s] -> float32 input embeddings [b, s, hidden].
+    """Token ids [b, s] (all >= 0) -> float32 input embeddings [b, s, hidden].
 
-    Soft prompts enter here: with `params["prompt"]`, a negative id -k is virtual token k-1
-    (see `ptjax.peft.prompts`).
+    A plain table lookup: soft-prompt slots (negative ids) are resolved by the method that owns
+    them (`ptjax.peft.prompts.model_inputs`), which then hands embeddings to `hidden_states`.
     """
-    x = ops.embed(jnp.maximum(tokens, 0), params["embed"]["embedding"], F32)
-    if "prompt" not in params:
-        return x
-    virtual = prompts.virtual_tokens(params["prompt"]).astype(F32)
-    slot = jnp.clip(-tokens - 1, 0, virtual.shape[0] - 1)
-    return jnp.where((tokens < 0)[..., None], virtual[slot], x)
+    return ops.embed(tokens, params["embed"]["embedding"], F32)
 
 
 def hidden_states(params: Params, cfg: ModelConfig, inputs_embeds, positions, segment_ids,
@@ -232,12 +231,12 @@ def hidden_states(params: Params, cfg: ModelConfig, inputs_embeds, positions, se
     """Final normed hidden states [b, s, hidden] of a whole sequence (training and scoring).
 
     `prefix` (prefix tuning) maps `layers_i` to {"k", "v"} of shape [b, kv, head_dim, P]; those
-    entries sit before the sequence and every non-padding token sees them. `rng` is the train
-    step's key for weights that draw randomness (LoRA dropout); None is deterministic.
+    entries sit before the sequence, are used as given (no RoPE, like cached keys) and every
+    non-padding token sees them. `positions` are used as given too: a caller with a prefix
+    passes positions that start after it. `rng` is the train step's key for weights that draw
+    randomness (LoRA dropout); None is deterministic.
     """
     b, s, _ = inputs_embeds.shape
-    if prefix is None and "prefix" in params:
-        prefix = prompts.prefix_kv(params["prefix"], cfg, b)
     slots = jnp.broadcast_to(jnp.arange(s, dtype=jnp.int32), (b, s))
     k_slots, k_segments = slots, segment_ids
     if prefix is not None:
@@ -288,12 +287,17 @@ def forward(params: Params, cfg: ModelConfig, tokens, positions=None, segment_id
 # ----------------------------------------------------------------------------- KV cache
 
 
-def init_cache(cfg: ModelConfig, batch: int, max_len: int, dtype=None, params=None) -> dict:
+def init_cache(cfg: ModelConfig, batch: int, max_len: int, dtype=None, prefix: dict | None = None
+               ) -> dict:
     """A cache for `max_len` tokens: per-layer keys/values [b, kv, head_dim, slots], slot
-    segments and the fill index. With `params["prefix"]` (prefix tuning), the first slots hold
-    the prefix, visible to every token, and `max_len` more follow."""
+    segments and the fill index.
+
+    Why a `prefix` argument: prefix tuning's keys/values are cache entries that no token wrote,
+    so they are placed here, in the first P slots (visible to every real token, segment -1), and
+    `max_len` slots follow; decoding then needs nothing else. `prefix` maps `layers_i` to
+    {"k", "v"} of shape [batch, kv, head_dim, P].
+    """
     dtype = dtype or cfg.compute_dtype
-    prefix = prompts.prefix_kv(params["prefix"], cfg, batch) if params and "prefix" in params else None
     n_prefix = 0 if prefix is None else prefix["layers_0"]["k"].shape[-1]
     shape = (batch, cfg.kv_heads, cfg.head_dim, n_prefix + max_len)
     cache = {}

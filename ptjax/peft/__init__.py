@@ -51,24 +51,37 @@ def apply(params, model_cfg, peft_cfg, key, tokenizer=None):
     raise ValueError(f"peft.method: unknown method {m!r}; choose one of {METHODS}")
 
 
-def virtual_slots(peft_cfg) -> tuple[int, int]:
-    """(virtual tokens after BOS, virtual tokens before the completion) a method needs."""
+PTUNING_PLACEMENTS = ("template", "prepend")
+
+
+def virtual_slots(peft_cfg) -> dict[str, int]:
+    """Where a method's virtual tokens go, as `prompts.insert_virtual` keyword arguments.
+
+    Why a table: prompt tuning prepends every virtual token (BOS included), as PEFT does;
+    P-tuning either keeps its template (half after BOS, the rest before the completion) or, with
+    `peft.ptuning_placement = "prepend"`, matches PEFT's P_TUNING and prompt tuning.
+    """
+    n = peft_cfg.num_virtual
     if peft_cfg.method == "prompt":
-        return peft_cfg.num_virtual, 0
+        return {"prepend": n}
     if peft_cfg.method == "ptuning":
-        front = peft_cfg.num_virtual // 2
-        return front, peft_cfg.num_virtual - front
-    return 0, 0
+        placement = peft_cfg.ptuning_placement
+        if placement == "prepend":
+            return {"prepend": n}
+        if placement == "template":
+            return {"after_bos": n // 2, "before_completion": n - n // 2}
+        raise ValueError(f"peft.ptuning_placement: unknown placement {placement!r}; "
+                         f"choose one of {PTUNING_PLACEMENTS}")
+    return {}
 
 
 def add_virtual_slots(example, peft_cfg):
     """An encoded `(ids, loss_mask)` example with the method's virtual-token slots inserted."""
-    front, middle = virtual_slots(peft_cfg)
-    if not front and not middle:
+    slots = virtual_slots(peft_cfg)
+    if not any(slots.values()):
         return example
     ids, mask = example
-    return prompts.insert_virtual(np.asarray(ids), np.asarray(mask, bool), front=front,
-                                  before_completion=middle)
+    return prompts.insert_virtual(np.asarray(ids), np.asarray(mask, bool), **slots)
 
 
 def finalize(params, peft_cfg):

@@ -1,16 +1,24 @@
-"""Soft prompts: prompt tuning, P-tuning and prefix tuning.
+"""Soft prompts: prompt tuning, P-tuning and prefix tuning, composed on top of the model.
+
+Placement follows Hugging Face PEFT, so an adapter trained in one library gives the same logits
+in the other.
 
 Prompt tuning (2104.08691) and P-tuning (2103.10385) both put learned vectors where token
 embeddings would be. Examples mark those slots with negative token ids (-1 is virtual token 0,
 -2 is virtual token 1, ...), so packing, padding, positions and the KV cache treat them like any
-token; `llama.embed_tokens` swaps in `virtual_tokens(params["prompt"])` at those slots. Prompt
-tuning learns the vectors directly and puts them in front; P-tuning produces them with a prompt
-encoder (an MLP, or a bidirectional LSTM + MLP) and may place them anywhere in a template.
+token, and `model_inputs` swaps in `virtual_tokens(params["prompt"])` at those slots. Prompt
+tuning learns the vectors directly and puts all of them in front of everything, BOS included
+(PEFT concatenates them before the input embeddings: virtual tokens at positions 0..P-1, the
+real tokens from P on). P-tuning produces them with a prompt encoder (an MLP, or a bidirectional
+LSTM + MLP) and either places them in a template (some after BOS, the rest before the
+completion) or prepends them like prompt tuning (PEFT's P_TUNING; `insert_virtual`).
 
 Prefix tuning (2101.00190) learns keys and values for every layer, placed before the sequence in
-each attention (the same path the KV cache uses; `llama.hidden_states` and `llama.init_cache`
-read `params["prefix"]`). Training may go through a reparameterization MLP; `finalize` replaces
-encoders and MLPs by the vectors they compute, which is what gets saved.
+each attention as P cache entries no token wrote: `model_inputs` hands them to the model's
+`prefix` hook (and the sampler to `llama.init_cache`), unrotated as PEFT's `past_key_values`
+are, and starts the real tokens' positions at P, as transformers derives positions from the
+cache length. Training may go through a reparameterization MLP; `finalize` replaces encoders and
+MLPs by the vectors they compute, which is what gets saved.
 """
 
 from __future__ import annotations
@@ -19,6 +27,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from ptjax.models import llama
 
 F32 = jnp.float32
 TRAINABLE = r"^(prompt|prefix)/"
@@ -162,18 +172,70 @@ def finalize(params):
     return out
 
 
+# ----------------------------------------------------------------------------- model inputs
+
+
+def prefix_length(params) -> int:
+    """P, the number of prefix-tuning entries in `params` (0 without `params["prefix"]`)."""
+    if "prefix" not in params:
+        return 0
+    prefix = params["prefix"]
+    return int((prefix["embeddings"] if "embeddings" in prefix else prefix["inputs"]).shape[0])
+
+
+def embed(params, cfg, tokens):
+    """Float32 input embeddings [b, s, hidden] of `tokens`, virtual-token slots filled.
+
+    Why here and not in the model: the slots are this module's convention (id -k is virtual
+    token k-1 of `params["prompt"]`); the model only ever sees embeddings. Without a prompt,
+    negative ids read as id 0.
+    """
+    x = llama.embed_tokens(params, cfg, jnp.maximum(tokens, 0))
+    if "prompt" not in params:
+        return x
+    virtual = virtual_tokens(params["prompt"]).astype(F32)
+    slot = jnp.clip(-tokens - 1, 0, virtual.shape[0] - 1)
+    return jnp.where((tokens < 0)[..., None], virtual[slot], x)
+
+
+def model_inputs(params, cfg, tokens, positions):
+    """(inputs_embeds, positions, prefix) to run `tokens` through the model with the soft prompt
+    or prefix that `params` carries (neither: plain embeddings, positions unchanged, None).
+
+    Why one function: training, evaluation and sampling must place soft prompts identically;
+    each calls this and passes the result to `llama.hidden_states` / `llama.init_cache` +
+    `llama.decode`. With a prefix, every position shifts by P (packed segments included), since
+    the P prefix entries come first, as in PEFT; `prefix` then holds per-layer keys/values
+    [b, kv, head_dim, P] for the model's prefix hook.
+    """
+    inputs_embeds = embed(params, cfg, tokens)
+    if "prefix" not in params:
+        return inputs_embeds, positions, None
+    prefix = prefix_kv(params["prefix"], cfg, tokens.shape[0])
+    return inputs_embeds, positions + prefix_length(params), prefix
+
+
 # ----------------------------------------------------------------------------- data
 
 
-def insert_virtual(ids: np.ndarray, loss_mask: np.ndarray, *, front: int = 0,
-                   before_completion: int = 0):
-    """Mark virtual-token slots in an encoded example: `front` after BOS and
-    `before_completion` just before the first loss token (P-tuning templates), numbered in
-    order as -1, -2, ...; the inserted slots are never in the loss."""
-    first_loss = int(np.argmax(loss_mask)) if loss_mask.any() else len(ids)
-    v_front = -np.arange(1, front + 1, dtype=ids.dtype)
-    v_mid = -np.arange(front + 1, front + before_completion + 1, dtype=ids.dtype)
-    new_ids = np.concatenate([ids[:1], v_front, ids[1:first_loss], v_mid, ids[first_loss:]])
-    new_mask = np.concatenate([loss_mask[:1], np.zeros(front, bool), loss_mask[1:first_loss],
-                               np.zeros(before_completion, bool), loss_mask[first_loss:]])
+def insert_virtual(ids: np.ndarray, loss_mask: np.ndarray, *, prepend: int = 0,
+                   after_bos: int = 0, before_completion: int = 0):
+    """Mark virtual-token slots in an encoded example, numbered in order of appearance as
+    -1, -2, ...; the inserted slots are never in the loss.
+
+    Why three places: `prepend` slots go in front of everything, BOS included (where PEFT's
+    prompt tuning and P_TUNING put virtual tokens); `after_bos` right after the first token and
+    `before_completion` just before the first loss token are P-tuning's template placement.
+    """
+    n = len(ids)
+    first_loss = int(np.argmax(loss_mask)) if loss_mask.any() else n
+    cut = min(max(first_loss, 1), n)  # a loss on token 0 must not repeat it after the middle
+    counts = (prepend, after_bos, before_completion)
+    starts = np.cumsum((0,) + counts)  # -1 - starts[i] is the first id of group i
+    virtual = [-np.arange(starts[i] + 1, starts[i] + counts[i] + 1, dtype=ids.dtype)
+               for i in range(3)]
+    new_ids = np.concatenate([virtual[0], ids[:1], virtual[1], ids[1:cut], virtual[2], ids[cut:]])
+    new_mask = np.concatenate([np.zeros(prepend, bool), loss_mask[:1], np.zeros(after_bos, bool),
+                               loss_mask[1:cut], np.zeros(before_completion, bool),
+                               loss_mask[cut:]])
     return new_ids, new_mask

@@ -6,19 +6,21 @@ import jax.numpy as jnp
 
 from ptjax import ops
 from ptjax.models import llama
+from ptjax.peft import prompts
 
 
-def next_token_nll(params, cfg, batch, inputs_embeds=None, prefix=None, rng=None):
+def next_token_nll(params, cfg, batch, rng=None):
     """Summed weighted next-token NLL over a packed batch, plus token and hit counts.
 
     Returns sums, not means, so gradient accumulation over microbatches divides once by the
     total token count and equals one large batch exactly. The output head runs through the
     fused chunked cross-entropy (no [b, s, vocab] logits in memory). `rng` feeds training-time
-    randomness such as LoRA dropout (None: deterministic, as in evaluation).
+    randomness such as LoRA dropout (None: deterministic, as in evaluation). Soft prompts and
+    prefixes in `params` enter through `prompts.model_inputs`, as in the sampler.
     """
-    if inputs_embeds is None:
-        inputs_embeds = llama.embed_tokens(params, cfg, batch["inputs"])
-    h = llama.hidden_states(params, cfg, inputs_embeds, batch["positions"], batch["segment_ids"],
+    inputs_embeds, positions, prefix = prompts.model_inputs(params, cfg, batch["inputs"],
+                                                            batch["positions"])
+    h = llama.hidden_states(params, cfg, inputs_embeds, positions, batch["segment_ids"],
                             prefix=prefix, rng=rng)
     w, vocab_major = llama.output_head(params, cfg)
     weights = batch["loss_mask"].astype(jnp.float32)

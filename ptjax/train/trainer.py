@@ -28,9 +28,20 @@ from ptjax.train import optim, sft
 from ptjax.train import state as state_lib
 
 
-def model_config(config) -> ModelConfig:
-    """The model dimensions a run config asks for (`model.preset` plus dtype/remat overrides)."""
-    return preset(config.model.preset, dtype=config.model.dtype, remat=config.model.remat)
+def model_config(config, checkpoint_cfg: ModelConfig | None = None) -> ModelConfig:
+    """The model a run config asks for, with its `model.dtype` / `model.remat`.
+
+    With a checkpoint (`model.init`), its own config is the model and a `model.preset`, if the
+    config names one, must agree with it; without one, `model.preset` (default "demo") picks it.
+    """
+    overrides = {"dtype": config.model.dtype, "remat": config.model.remat}
+    if checkpoint_cfg is None:
+        return preset(config.model.preset or "demo", **overrides)
+    if config.model.preset:
+        from ptjax.interop import load
+
+        load.check_preset(checkpoint_cfg, preset(config.model.preset), config.model.init)
+    return dataclasses.replace(checkpoint_cfg, **overrides)
 
 
 def write_config(config, workdir: str):
@@ -80,14 +91,17 @@ def evaluate(eval_fn, params, batches, batch_sharding) -> dict:
 
 
 def train(config, workdir: str, train_examples, eval_examples=(), init_params=None,
-          show_progress: bool = True) -> Result:
+          show_progress: bool = True, model_cfg: ModelConfig | None = None,
+          tokenizer=None) -> Result:
     """Train (or resume training) on encoded examples and return the final parameters.
 
     `train_examples`/`eval_examples` are lists of `(ids, loss_mask)` from `ptjax.data.encode_sft`.
-    `init_params` starts from given weights (e.g. a pretrained base) instead of random ones.
+    `init_params` starts from given weights (e.g. a pretrained base) instead of random ones, and
+    `model_cfg` is then their config (default: `model_config(config)`); `tokenizer` (default:
+    `data.tokenizer`) is only used to initialize text-initialized soft prompts.
     """
     write_config(config, workdir)
-    cfg = model_config(config)
+    cfg = model_cfg or model_config(config)
     mesh = sharding.make_mesh(config.mesh.to_dict())
     rules = [tuple(r) for r in config.sharding_rules]
     tc = config.train
@@ -100,7 +114,7 @@ def train(config, workdir: str, train_examples, eval_examples=(), init_params=No
         init_params = jax.jit(llama.init_params, static_argnums=0)(cfg, jax.random.key(config.seed))
     init_params, trainable = peft.apply(init_params, cfg, config.peft,
                                         jax.random.fold_in(jax.random.key(config.seed), 1),
-                                        D.load_tokenizer(config.data.tokenizer))
+                                        tokenizer or D.load_tokenizer(config.data.tokenizer))
     trainable_mask = ptree.select(init_params, trainable)
     tx = optim.make_optimizer(config.optim, ptree.split(init_params, trainable_mask)[0], tc.steps)
     create = functools.partial(state_lib.create, trainable_mask=trainable_mask, tx=tx,

@@ -1,0 +1,155 @@
+"""Generate text from any model ptjax loads: a GGUF file, a Hugging Face folder or a ptjax run.
+
+    python -m ptjax.generate --model=$(python -m ptjax.interop.fetch smollm2) \
+        --chat --prompt="What is the capital of France?"
+    python -m ptjax.generate --model=runs/smollm_lora --chat --interactive
+    python -m ptjax.generate --model=model.gguf --adapter=runs/x/adapter --prompt="Once upon"
+
+The completion is printed as it is produced. `--chat` renders the prompt through the model's chat
+template (a system line with `--system`); `--temperature=0` (the default) is greedy, otherwise
+`--top_k`/`--top_p` filter the sampled distribution. Generation stops at any of the model's stop
+ids (generation_config.json's list), at any `--stop` string, or after `--max_new_tokens`.
+`--interactive` keeps a conversation going (an empty line or EOF ends it).
+"""
+
+from __future__ import annotations
+
+import sys
+
+import jax
+import numpy as np
+from absl import app, flags
+
+from ptjax import sampling
+from ptjax.data import encode_chat_prompt, encode_prompt
+from ptjax.interop import load
+
+_MODEL = flags.DEFINE_string("model", None, "GGUF file, Hugging Face folder or ptjax run directory.")
+_ADAPTER = flags.DEFINE_string("adapter", "", "PEFT adapter folder to apply (LoRA, DoRA, IA3, soft prompts).")
+_PROMPT = flags.DEFINE_string("prompt", "", "The prompt (the first user turn with --chat).")
+_CHAT = flags.DEFINE_bool("chat", False, "Render the prompt with the model's chat template.")
+_SYSTEM = flags.DEFINE_string("system", "", "A system message for --chat.")
+_INTERACTIVE = flags.DEFINE_bool("interactive", False, "A chat loop on stdin (implies --chat).")
+_MAX_NEW = flags.DEFINE_integer("max_new_tokens", 128, "Most tokens to generate per reply.")
+_TEMPERATURE = flags.DEFINE_float("temperature", 0.0, "0 = greedy.")
+_TOP_K = flags.DEFINE_integer("top_k", 0, "Keep the k most likely tokens (0 = off).")
+_TOP_P = flags.DEFINE_float("top_p", 1.0, "Nucleus sampling mass (1 = off).")
+_REPETITION = flags.DEFINE_float("repetition_penalty", 1.0, "Penalty on tokens already seen (1 = off).")
+_STOP = flags.DEFINE_multi_string("stop", [], "Stop when the completion contains this string.")
+_DTYPE = flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "Compute dtype.")
+_SEED = flags.DEFINE_integer("seed", 0, "Sampling seed.")
+
+
+class Streamer:
+    """Host side of the sampler's per-token callback: prints text as it arrives, ends on stops.
+
+    Why a class: text must be decoded from all ids so far (a token may complete a multi-byte
+    character), and a stop string may span tokens, so the printed length and the ids are state.
+    Text that could still turn into a stop string, or an incomplete character, is held back.
+    """
+
+    def __init__(self, tokenizer, stop_strings=(), out=sys.stdout):
+        self.tokenizer = tokenizer
+        self.stop_ids = set(getattr(tokenizer, "stop_ids", (tokenizer.eos_id,)))
+        self.stop_strings = [s for s in stop_strings if s]
+        self.out = out
+        self.reset()
+
+    def reset(self):
+        self.ids: list[int] = []
+        self.printed = 0
+        self.stopped = False
+
+    @property
+    def text(self) -> str:
+        """The completion so far, cut at the first stop string."""
+        text = self.tokenizer.decode(self.ids)
+        for stop in self.stop_strings:
+            if stop in text:
+                text = text[:text.index(stop)]
+        return text
+
+    def _safe_length(self, text: str) -> int:
+        """How much of `text` can be printed now without ever having to be taken back."""
+        end = len(text.rstrip("\ufffd"))
+        for stop in self.stop_strings:
+            for k in range(min(len(stop) - 1, end), 0, -1):
+                if text[:end].endswith(stop[:k]):
+                    end -= k
+                    break
+        return end
+
+    def __call__(self, tokens, active) -> np.ndarray:
+        """Take row 0's new token; returns per-row "stop now" flags for the sampler."""
+        token, live = int(np.asarray(tokens)[0]), bool(np.asarray(active)[0])
+        if live and not self.stopped and token not in self.stop_ids:
+            self.ids.append(token)
+            full = self.tokenizer.decode(self.ids)
+            self.stopped = any(stop in full for stop in self.stop_strings)
+            text = self.text
+            end = len(text) if self.stopped else self._safe_length(text)
+            if end > self.printed:
+                self.out.write(text[self.printed:end])
+                self.out.flush()
+                self.printed = end
+        return np.full(np.shape(tokens), self.stopped, bool)
+
+    def finish(self) -> str:
+        """Print whatever was held back and return the completion."""
+        text = self.text
+        self.out.write(text[self.printed:] + "\n")
+        self.out.flush()
+        return text
+
+
+def reply(pretrained, prompt_ids: np.ndarray, streamer: Streamer, key) -> str:
+    """Stream one completion of `prompt_ids` and return its text."""
+    tokenizer = pretrained.tokenizer
+    streamer.reset()
+    tokens, mask = sampling.left_pad([prompt_ids], len(prompt_ids), tokenizer.pad_id)
+    sampling.generate(pretrained.params, pretrained.config, tokens, mask, key,
+                      max_new_tokens=_MAX_NEW.value, temperature=_TEMPERATURE.value,
+                      top_k=_TOP_K.value, top_p=_TOP_P.value,
+                      repetition_penalty=_REPETITION.value, eos_id=tuple(streamer.stop_ids),
+                      pad_id=tokenizer.pad_id, on_token=streamer)
+    return streamer.finish()
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    pretrained = load.load(_MODEL.value, adapter=_ADAPTER.value, dtype=_DTYPE.value)
+    tokenizer = pretrained.tokenizer
+    streamer = Streamer(tokenizer, _STOP.value)
+    key = jax.random.key(_SEED.value)
+    chat = _CHAT.value or _INTERACTIVE.value
+    if not chat:
+        if not _PROMPT.value:
+            raise app.UsageError("--prompt is required (or use --interactive)")
+        reply(pretrained, encode_prompt(_PROMPT.value, tokenizer), streamer, key)
+        return
+    messages = [("system", _SYSTEM.value)] if _SYSTEM.value else []
+    turn = 0
+    user = _PROMPT.value
+    while True:
+        if not user:
+            if not _INTERACTIVE.value:
+                raise app.UsageError("--prompt is required (or use --interactive)")
+            try:
+                user = input("> ").strip()
+            except EOFError:
+                return
+            if not user:
+                return
+        messages.append(("user", user))
+        answer = reply(pretrained, encode_chat_prompt(messages, tokenizer), streamer,
+                       jax.random.fold_in(key, turn))
+        if not _INTERACTIVE.value:
+            return
+        messages.append(("assistant", answer))
+        user, turn = "", turn + 1
+
+
+if __name__ == "__main__":
+    flags.mark_flag_as_required("model")
+    app.run(main)
