@@ -1,19 +1,14 @@
-"""`python -m ptjax.generate`: streamed text, stop strings across token boundaries, stop ids."""
+"""`ptjax.streaming.Streamer` (what `python -m ptjax.generate` prints): streamed text, stop
+strings across token boundaries, stop ids."""
 
 from __future__ import annotations
 
 import io
-import os
-import subprocess
-import sys
 
 import numpy as np
-import pytest
 
 from ptjax.data import ByteTokenizer
-from ptjax.generate import Streamer
-
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from ptjax.streaming import Streamer
 
 
 def feed(streamer: Streamer, text: str) -> list[bool]:
