@@ -97,6 +97,7 @@ def save_gguf(params, cfg: ModelConfig, tokenizer, path: str, *, dtype: str = "Q
     if not hasattr(tokenizer, "tokenizer"):
         raise ValueError("GGUF export needs a byte-level BPE tokenizer (tokenizer.json); "
                          "the byte tokenizer has no GGUF form")
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     vocab = gguf_tokenizer.vocab_from_tokenizer(
         tokenizer.tokenizer, bos_id=tokenizer.bos_id, eos_id=tokenizer.eos_id,
         eos_ids=tuple(tokenizer.stop_ids), pad_id=tokenizer.pad_id, add_bos=tokenizer.add_bos,

@@ -66,6 +66,7 @@ def run(config, workdir: str) -> dict:
     """Base accuracy, fine-tuning (`peft.method`, usually LoRA), accuracy after; WORKDIR/summary.json."""
     started = time.time()
     task = config.task
+    trainer.write_config(config, workdir)  # makes WORKDIR a run `ptjax.interop.load` can read
     model_cfg, base_params, tokenizer, generation = sft.load_base(config)
     summary_path = os.path.join(workdir, "summary.json")
     summary = trainer.read_summary(summary_path)
