@@ -9,7 +9,8 @@ The completion is printed as it is produced. `--chat` renders the prompt through
 template (a system line with `--system`); `--temperature=0` (the default) is greedy, otherwise
 `--top_k`/`--top_p` filter the sampled distribution. Generation stops at any of the model's stop
 ids (generation_config.json's list), at any `--stop` string, or after `--max_new_tokens`.
-`--interactive` keeps a conversation going (an empty line or EOF ends it).
+`--interactive` keeps a conversation going (an empty line or EOF ends it). Unset sampling flags
+follow the model's generation_config.json (greedy when it has none or does not sample).
 """
 
 from __future__ import annotations
@@ -29,25 +30,44 @@ _CHAT = flags.DEFINE_bool("chat", False, "Render the prompt with the model's cha
 _SYSTEM = flags.DEFINE_string("system", "", "A system message for --chat.")
 _INTERACTIVE = flags.DEFINE_bool("interactive", False, "A chat loop on stdin (implies --chat).")
 _MAX_NEW = flags.DEFINE_integer("max_new_tokens", 128, "Most tokens to generate per reply.")
-_TEMPERATURE = flags.DEFINE_float("temperature", 0.0, "0 = greedy.")
+_TEMPERATURE = flags.DEFINE_float("temperature", 0.0, "0 = greedy (default: the model's "
+                                  "generation_config.json, greedy without one).")
 _TOP_K = flags.DEFINE_integer("top_k", 0, "Keep the k most likely tokens (0 = off).")
 _TOP_P = flags.DEFINE_float("top_p", 1.0, "Nucleus sampling mass (1 = off).")
 _REPETITION = flags.DEFINE_float("repetition_penalty", 1.0, "Penalty on tokens already seen (1 = off).")
+_SAMPLING_FLAGS = {"temperature": _TEMPERATURE, "top_k": _TOP_K, "top_p": _TOP_P,
+                   "repetition_penalty": _REPETITION}
 _STOP = flags.DEFINE_multi_string("stop", [], "Stop when the completion contains this string.")
 _DTYPE = flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "Compute dtype.")
 _SEED = flags.DEFINE_integer("seed", 0, "Sampling seed.")
 
 
-def reply(pretrained, prompt_ids: np.ndarray, streamer: Streamer, key) -> str:
-    """Stream one completion of `prompt_ids` and return its text."""
+def sampling_settings(generation: dict) -> dict:
+    """The decoding settings: each flag the user set, else the model's generation_config.json
+    (its temperature/top-k/top-p only when it says `do_sample`, as transformers does), else greedy.
+
+    Why: chat models ship the decoding they were tuned for; a command that ignored it would make
+    every model look worse than it is, and one that ignored the flags would not be a tool.
+    """
+    sample = bool(generation.get("do_sample"))
+    settings = {"temperature": float(generation.get("temperature") or 1.0) if sample else 0.0,
+                "top_k": int(generation.get("top_k") or 0) if sample else 0,
+                "top_p": float(generation.get("top_p") or 1.0) if sample else 1.0,
+                "repetition_penalty": float(generation.get("repetition_penalty") or 1.0)}
+    for name, flag in _SAMPLING_FLAGS.items():
+        if flags.FLAGS[name].present:
+            settings[name] = flag.value
+    return settings
+
+
+def reply(pretrained, prompt_ids, streamer: Streamer, key, settings: dict) -> str:
+    """Stream one completion of `prompt_ids` (int32 ids) and return its text."""
     tokenizer = pretrained.tokenizer
     streamer.reset()
     tokens, mask = sampling.left_pad([prompt_ids], len(prompt_ids), tokenizer.pad_id)
     sampling.generate(pretrained.params, pretrained.config, tokens, mask, key,
-                      max_new_tokens=_MAX_NEW.value, temperature=_TEMPERATURE.value,
-                      top_k=_TOP_K.value, top_p=_TOP_P.value,
-                      repetition_penalty=_REPETITION.value, eos_id=tuple(streamer.stop_ids),
-                      pad_id=tokenizer.pad_id, on_token=streamer)
+                      max_new_tokens=_MAX_NEW.value, eos_id=tuple(streamer.stop_ids),
+                      pad_id=tokenizer.pad_id, on_token=streamer, **settings)
     return streamer.finish()
 
 
@@ -57,12 +77,13 @@ def main(argv):
     pretrained = load.load(_MODEL.value, adapter=_ADAPTER.value, dtype=_DTYPE.value)
     tokenizer = pretrained.tokenizer
     streamer = Streamer(tokenizer, _STOP.value)
+    settings = sampling_settings(pretrained.generation)
     key = jax.random.key(_SEED.value)
     chat = _CHAT.value or _INTERACTIVE.value
     if not chat:
         if not _PROMPT.value:
             raise app.UsageError("--prompt is required (or use --interactive)")
-        reply(pretrained, encode_prompt(_PROMPT.value, tokenizer), streamer, key)
+        reply(pretrained, encode_prompt(_PROMPT.value, tokenizer), streamer, key, settings)
         return
     messages = [("system", _SYSTEM.value)] if _SYSTEM.value else []
     turn = 0
@@ -79,7 +100,7 @@ def main(argv):
                 return
         messages.append(("user", user))
         answer = reply(pretrained, encode_chat_prompt(messages, tokenizer), streamer,
-                       jax.random.fold_in(key, turn))
+                       jax.random.fold_in(key, turn), settings)
         if not _INTERACTIVE.value:
             return
         messages.append(("assistant", answer))
