@@ -361,14 +361,17 @@ def test_export_refuses_what_gguf_cannot_express():
     qwen.normalizer = None
     with pytest.raises(ValueError, match="tokenizer.ggml.pre"):
         vocab_from_tokenizer(qwen, bos_id=None, eos_id=qwen.token_to_id("<|im_end|>"), add_bos=False)
-    with pytest.raises(ValueError, match="eos_ids"):
-        vocab_from_tokenizer(original, bos_id=None, eos_id=eos, eos_ids=[1, 2, 3], add_bos=False)
+    others = [i for i in range(1, 10) if i != eos]
+    vocab_from_tokenizer(original, bos_id=None, eos_id=eos, eos_ids=others[:2], add_bos=False)
+    with pytest.raises(ValueError, match="eos_ids"):  # eot and eom: at most two besides EOS
+        vocab_from_tokenizer(original, bos_id=None, eos_id=eos, eos_ids=others[:3], add_bos=False)
     with pytest.raises(ValueError, match="pad_id"):
         vocab_from_tokenizer(original, bos_id=None, eos_id=eos, pad_id=10**6, add_bos=False)
-    stripped = tokenizers.Tokenizer.from_str(original.to_str())
-    stripped.add_special_tokens([AddedToken("<mask>", lstrip=True, special=True)])
-    with pytest.raises(ValueError, match="<mask>"):
-        vocab_from_tokenizer(stripped, bos_id=None, eos_id=eos, add_bos=False)
+    for flag in ("lstrip", "rstrip", "single_word"):
+        stripped = tokenizers.Tokenizer.from_str(original.to_str())
+        stripped.add_special_tokens([AddedToken("<mask>", special=True, **{flag: True})])
+        with pytest.raises(ValueError, match="<mask>"):
+            vocab_from_tokenizer(stripped, bos_id=None, eos_id=eos, add_bos=False)
     other = tokenizers.Tokenizer.from_str(original.to_str())
     other.decoder = decoders.WordPiece()
     with pytest.raises(ValueError, match="decoder"):

@@ -581,6 +581,20 @@ def test_refuses_truncated_and_corrupt_files(tmp_path):
     refused(corrupt, "GGUF")
 
 
+def test_truncated_string_array_is_named(tmp_path):
+    """A file cut inside a string of a metadata array fails there, not with a shortened string."""
+    writer = gguf.GGUFWriter(str(tmp_path / "full.gguf"), "llama")
+    writer.add_array("tokenizer.ggml.tokens", ["alpha", "beta", "a-long-last-token-string"])
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.close()
+    data = (tmp_path / "full.gguf").read_bytes()
+    short = tmp_path / "short.gguf"
+    short.write_bytes(data[:data.index(b"a-long-last-token-string") + 6])
+    with pytest.raises(ValueError, match=re.escape(str(short)) + ".*runs past the end"):
+        gguf_io.read_metadata(str(short))
+
+
 @pytest.mark.parametrize("change, names, error", [
     (dict(arch="gemma"), ["general.architecture", "gemma"], NotImplementedError),
     (dict(extra={"llama.rope.dimension_count": (4, "u32")}), ["llama.rope.dimension_count"],
@@ -595,6 +609,8 @@ def test_refuses_truncated_and_corrupt_files(tmp_path):
      ValueError),
     (dict(replace={"rope_freqs.weight": np.array([1.0, 1.5, 2.0, 8.0], np.float32)}),
      ["rope_freqs.weight"], NotImplementedError),
+    (dict(replace={"rope_freqs.weight": np.ones(3, np.float32)}),
+     ["rope_freqs.weight", "has 3 entries", "needs 4"], ValueError),
 ])
 def test_refuses_metadata_it_cannot_honour(tmp_path, change, names, error):
     arch = change.get("arch", "llama")
@@ -613,6 +629,18 @@ def test_long_sliding_window_and_missing_vocab_size(tmp_path):
     names = set(file_tensors(path))
     assert gguf_io.config_from_gguf(metadata, path, names) == cfg
     assert gguf_io.config_from_gguf(metadata, path, names, dtype="bfloat16").dtype == "bfloat16"
+
+
+def test_head_dim_default_and_per_layer_head_counts(tmp_path):
+    path = write_model(tmp_path / "m.gguf", TINY)
+    metadata, names = gguf_io.read_metadata(path), set(file_tensors(path))
+    del metadata["llama.attention.key_length"]  # older files: head_dim = hidden / heads
+    assert gguf_io.config_from_gguf(metadata, path, names) == TINY
+    metadata["llama.attention.head_count"] = [TINY.heads] * TINY.layers  # per-layer, all equal
+    assert gguf_io.config_from_gguf(metadata, path, names) == TINY
+    metadata["llama.attention.head_count"] = [TINY.heads, 2 * TINY.heads]
+    with pytest.raises(NotImplementedError, match="llama.attention.head_count.*varies per layer"):
+        gguf_io.config_from_gguf(metadata, path, names)
 
 
 # ----------------------------------------------------------------------------- real model (opt-in)
