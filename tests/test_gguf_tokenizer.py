@@ -5,6 +5,7 @@ model's own tokenizer.json spells out (written literally below, not taken from t
 wrong table entry fails), exported to a real GGUF file, read back and compared on tricky text.
 """
 
+import dataclasses
 import json
 import os
 import time
@@ -344,7 +345,7 @@ def test_special_ids_just_past_the_vocabulary_are_refused(gpt2_metadata):
         tokenizer_from_gguf({**gpt2_metadata, "tokenizer.ggml.padding_token_id": size}, "x.gguf")
 
 
-def test_export_refuses_what_gguf_cannot_express():
+def test_export_refuses_what_gguf_cannot_express(tmp_path):
     original = FAMILIES["gpt-2"]["tokenizer"]()
     eos = original.token_to_id("<|endoftext|>")
     other = tokenizers.Tokenizer.from_str(original.to_str())
@@ -365,6 +366,10 @@ def test_export_refuses_what_gguf_cannot_express():
     vocab_from_tokenizer(original, bos_id=None, eos_id=eos, eos_ids=others[:2], add_bos=False)
     with pytest.raises(ValueError, match="eos_ids"):  # eot and eom: at most two besides EOS
         vocab_from_tokenizer(original, bos_id=None, eos_id=eos, eos_ids=others[:3], add_bos=False)
+    vocab = vocab_from_tokenizer(original, bos_id=None, eos_id=eos, eos_ids=others[:2], add_bos=False)
+    writer = gguf.GGUFWriter(str(tmp_path / "eos.gguf"), "llama")
+    with pytest.raises(ValueError, match="eos_ids"):  # a vocabulary built by hand is checked too
+        write_tokenizer_fields(writer, dataclasses.replace(vocab, eos_ids=(eos, *others[:3])))
     with pytest.raises(ValueError, match="pad_id"):
         vocab_from_tokenizer(original, bos_id=None, eos_id=eos, pad_id=10**6, add_bos=False)
     for flag in ("lstrip", "rstrip", "single_word"):
