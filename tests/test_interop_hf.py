@@ -150,6 +150,12 @@ LLAMA3_SCALING = {"rope_type": "llama3", "factor": 32.0, "low_freq_factor": 1.0,
                   "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
 
 
+def test_config_names_a_missing_scaling_field():
+    spec = {k: v for k, v in LLAMA3_SCALING.items() if k not in ("low_freq_factor", "factor")}
+    with pytest.raises(ValueError, match="rope_scaling \\(llama3\\) has no 'factor'"):
+        hf.config_from_hf(hf_config(rope_theta=5e5, rope_parameters=None, rope_scaling=spec))
+
+
 @pytest.mark.parametrize("fields", [
     {"rope_parameters": {"rope_theta": 5e5, **LLAMA3_SCALING}},  # transformers 5
     {"rope_theta": 5e5, "rope_scaling": LLAMA3_SCALING},  # older folders
@@ -298,9 +304,11 @@ def test_load_refuses_bias_the_model_cannot_hold(tmp_path):
 
 
 def test_config_sliding_window_longer_than_context_is_fine():
-    cfg = hf.config_from_hf(hf_config(model_type="mistral", sliding_window=4096,
-                                      max_position_embeddings=4096))
+    cfg = hf.config_from_hf(json.loads('{"sliding_window": 4096, "max_position_embeddings": 4096}')
+                            | hf_config(model_type="mistral"))
     assert cfg.max_position_embeddings == 4096
+    hf.config_from_hf(hf_config(model_type="mistral", sliding_window=8192,
+                                max_position_embeddings=4096))
     hf.config_from_hf(hf_config(model_type="qwen2", sliding_window=1024, use_sliding_window=False,
                                 max_position_embeddings=32768))
 
@@ -376,6 +384,14 @@ def test_save_sharded_bfloat16_replaces_old_files(tmp_path):
     files = sorted(set(index["weight_map"].values()))
     assert len(files) > 1 and not (tmp_path / "out" / "model.safetensors").exists()
     assert all(header_dtypes(tmp_path / "out" / f) == {"BF16"} for f in files)
+    # Greedy in layout order: a shard closes when the next tensor would push it past the limit.
+    sizes = [int(np.prod(e.hf_shape)) * 2 for e in hf.hf_layout(cfg)]  # bfloat16 bytes
+    expected_shards, size = 1, 0
+    for n, nbytes in enumerate(sizes):
+        if n and size + nbytes > 1000:
+            expected_shards, size = expected_shards + 1, 0
+        size += nbytes
+    assert len(files) == expected_shards
     loaded = hf.load_params(out)
     expected = jax.tree.map(lambda x: x.astype(ml_dtypes.bfloat16).astype(np.float32), params)
     chex.assert_trees_all_equal(loaded, expected)

@@ -10,6 +10,7 @@ import chex
 import jax
 import numpy as np
 import pytest
+import tokenizers
 
 from ptjax.data import encode_chat_prompt
 from ptjax.interop import export, load
@@ -138,3 +139,30 @@ def test_preset_must_match_the_checkpoint(chat_model):
     with pytest.raises(ValueError, match=r"hidden: checkpoint 32, preset 192.*layers: checkpoint 2"):
         load.check_preset(cfg, preset("demo"), "ckpt")
     load.check_preset(cfg, dataclasses.replace(cfg, dtype="bfloat16", remat="full"), "ckpt")
+
+
+def test_generation_defaults_are_transformers_defaults(tmp_path):
+    assert load.read_generation_config(str(tmp_path)) == {
+        "temperature": 1.0, "top_k": 50, "top_p": 1.0, "repetition_penalty": 1.0,
+        "do_sample": False, "max_new_tokens": None}
+
+
+def test_exported_tokenizer_puts_bos_in_front_exactly_once(tmp_path):
+    from ptjax.data import HFTokenizer
+    from tiny_checkpoint import bpe_tokenizer
+
+    tok = bpe_tokenizer()  # no post-processor, as a tokenizer built from GGUF metadata
+    wants_bos = HFTokenizer(tok, eos_id=2, bos_id=1, add_bos=True)
+    export.save_tokenizer(wants_bos, str(tmp_path / "a"))
+    config = json.loads((tmp_path / "a" / "tokenizer_config.json").read_text())
+    assert config["model_max_length"] == 1_000_000 and config["add_bos_token"] is True
+    saved = tokenizers.Tokenizer.from_file(str(tmp_path / "a" / "tokenizer.json"))
+    assert saved.encode("sort", add_special_tokens=True).ids[:2] == [1, *tok.encode("sort").ids[:1]]
+    # Saving a tokenizer that already adds BOS must not add a second one.
+    export.save_tokenizer(HFTokenizer(saved, eos_id=2, bos_id=1, add_bos=True), str(tmp_path / "b"))
+    again = tokenizers.Tokenizer.from_file(str(tmp_path / "b" / "tokenizer.json"))
+    assert again.encode("sort", add_special_tokens=True).ids == saved.encode(
+        "sort", add_special_tokens=True).ids
+    export.save_tokenizer(HFTokenizer(tok, eos_id=2, bos_id=1, add_bos=False), str(tmp_path / "c"))
+    plain = tokenizers.Tokenizer.from_file(str(tmp_path / "c" / "tokenizer.json"))
+    assert plain.encode("sort", add_special_tokens=True).ids == tok.encode("sort").ids

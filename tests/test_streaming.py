@@ -62,3 +62,11 @@ def test_stop_ids_and_inactive_rows_print_nothing():
     streamer(np.asarray([ByteTokenizer.EOS]), np.asarray([True]))
     streamer(np.asarray([ByteTokenizer().encode("x")[0]]), np.asarray([False]))
     assert out.getvalue() == "" and streamer.finish() == ""
+
+
+def test_only_row_zero_is_streamed():
+    out = io.StringIO()
+    streamer = Streamer(ByteTokenizer(), out=out)
+    a, b = ByteTokenizer().encode("ab")
+    flags = streamer(np.asarray([a, b]), np.asarray([True, False]))
+    assert out.getvalue() == "a" and flags.shape == (2,)
