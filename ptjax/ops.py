@@ -67,11 +67,24 @@ def _dense_bwd(dtype, res, dy):
     wc = w.astype(dtype)
     dy = dy.astype(dtype).reshape(-1, dy.shape[-1])
     dx = _dot(dy, wc, 1, 1)  # [m, out] x [in, out] -> [m, in]: both contract their last dim
-    dw = _dot(real_transpose(xc), dy, 1, 0)  # [in, m] x [m, out]
+    dw = weight_gradient(xc, dy)
     return dx.astype(x.dtype).reshape(x.shape), dw.astype(w.dtype)
 
 
 dense.defvjp(_dense_fwd, _dense_bwd)
+
+
+def weight_gradient(x, dy):
+    """`x^T dy` [in, out] for x [m, in], dy [m, out], transposing the smaller operand.
+
+    One operand has to be laid out row-major transposed for the fast dot. For a LoRA A matrix
+    (out = rank) transposing x copies the whole activation, and XLA fuses the activation's own
+    producer (e.g. SwiGLU's silu * up) into that strided copy, which costs ten times the dot;
+    computing `(dy^T x)^T` moves only [m, rank] and [rank, in] instead.
+    """
+    if dy.shape[-1] < x.shape[-1]:
+        return real_transpose(_dot(real_transpose(dy), x, 1, 0))  # ([out, m] x [m, in])^T
+    return _dot(real_transpose(x), dy, 1, 0)  # [in, m] x [m, out]
 
 
 def linear(x, w, dtype=F32, rng=None):

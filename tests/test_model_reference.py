@@ -150,8 +150,11 @@ def load_case(tmp_path, name: str, seed: int, **overrides):
     return c, weights, cfg, hf.load_params(folder, cfg)
 
 
+@pytest.mark.parametrize("causal_block", [0, 4], indirect=True)
 @pytest.mark.parametrize("name", sorted(CASES))
-def test_forward_matches_hf_reference(tmp_path, name):
+def test_forward_matches_hf_reference(tmp_path, name, causal_block):
+    if causal_block:
+        assert llama.causal_query_blocks(12) == [(0, 4), (4, 8), (8, 12)]
     c, weights, cfg, params = load_case(tmp_path, name, seed=len(name))
     tokens = np.random.default_rng(0).integers(0, c["vocab_size"], (2, 12))
     logits = np.asarray(forward(params, cfg, tokens))
@@ -162,7 +165,10 @@ def test_forward_matches_hf_reference(tmp_path, name):
         assert rel_err(row, expected) < 1e-4
 
 
-def test_packed_row_matches_separate_examples(tmp_path):
+@pytest.mark.parametrize("causal_block", [0, 5], indirect=True)
+def test_packed_row_matches_separate_examples(tmp_path, causal_block):
+    if causal_block:
+        assert llama.causal_query_blocks(12) == [(0, 6), (6, 12)]
     c, weights, cfg, params = load_case(tmp_path, "untied_gqa", seed=7)
     rng = np.random.default_rng(1)
     first, second = rng.integers(0, c["vocab_size"], 5), rng.integers(0, c["vocab_size"], 4)

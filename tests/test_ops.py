@@ -13,10 +13,11 @@ def _rand(key, shape, scale=1.0):
     return scale * jax.random.normal(jax.random.key(key), shape, jnp.float32)
 
 
+@pytest.mark.parametrize("out", [12, 24])  # the weight gradient transposes dy, or x
 @pytest.mark.parametrize("shape", [(6, 16), (2, 3, 16)])
-def test_dense_matches_autodiff_float32(shape):
-    x, w = _rand(0, shape), _rand(1, (16, 12))
-    cot = _rand(2, shape[:-1] + (12,))
+def test_dense_matches_autodiff_float32(shape, out):
+    x, w = _rand(0, shape), _rand(1, (16, out))
+    cot = _rand(2, shape[:-1] + (out,))
     ref = lambda x, w: jnp.sum(jnp.einsum("...i,io->...o", x, w) * cot)  # noqa: E731
     got = lambda x, w: jnp.sum(ops.dense(x, w, jnp.float32) * cot)  # noqa: E731
     np.testing.assert_allclose(got(x, w), ref(x, w), rtol=1e-5)

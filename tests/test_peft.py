@@ -328,9 +328,12 @@ def test_prompt_tuning_prepends_virtual_tokens_before_bos():
     assert np.abs(np.asarray(soft_logits(params, after_bos[None]))[0, 5:] - got[5:]).max() > 1e-3
 
 
-def test_prefix_tuning_matches_numpy_attention_with_positions_after_the_prefix():
+@pytest.mark.parametrize("causal_block", [0, 3], indirect=True)
+def test_prefix_tuning_matches_numpy_attention_with_positions_after_the_prefix(causal_block):
     """Prefix entries are P unrotated keys/values in front; the real tokens' queries and keys
     sit at positions P.. (transformers derives positions from the cache length)."""
+    if causal_block:
+        assert llama.causal_query_blocks(7) == [(0, 4), (4, 7)]
     _, params = with_soft_prompt("prefix", reparam_hidden=16)
     values = np.asarray(prompts.prefix_values(params["prefix"]))
     ids = np.asarray([1, 40, 41, 42, 43, 44, 45])

@@ -77,7 +77,10 @@ def _assert_grads_close(got, want):
         np.testing.assert_allclose(g, w, rtol=2e-3, atol=2e-4 * np.abs(w).max(), err_msg=path)
 
 
-def test_sgd_update_is_minus_lr_times_the_mean_loss_gradient():
+@pytest.mark.parametrize("causal_block", [0, 8], indirect=True)
+def test_sgd_update_is_minus_lr_times_the_mean_loss_gradient(causal_block):
+    if causal_block:
+        assert len(llama.causal_query_blocks(BATCH["inputs"].shape[1])) == 6
     new, m = _step(_optimizer())
     _assert_grads_close(_applied_gradient(new), REF_GRADS)
     np.testing.assert_allclose(m["loss"], REF_LOSS, rtol=1e-5)

@@ -173,8 +173,6 @@ def attention_block(p, cfg: ModelConfig, x, positions, mask, kv: dict | None, wr
     v = _project(x, p["v"], dtype, ops.fold_key(rng, 2)).reshape(b, s, kvh, hd)
     q = rope(q, positions, cfg.rope_theta, cfg.rope_scaling)
     k = rope(k, positions, cfg.rope_theta, cfg.rope_scaling)
-    # Grouped heads that share a KV head are stacked along the query axis: q [b*kv, g*s, d].
-    q = q.reshape(b, s, kvh, g, hd).transpose(0, 2, 3, 1, 4).reshape(b * kvh, g * s, hd)
     k = k.transpose(0, 2, 3, 1)  # [b, kv, d, s]
     v = v.transpose(0, 2, 3, 1)
     new_kv = None
@@ -188,9 +186,47 @@ def attention_block(p, cfg: ModelConfig, x, positions, mask, kv: dict | None, wr
     t = k.shape[-1]
     k = k.astype(dtype).reshape(b * kvh, hd, t)
     v = v.astype(dtype).reshape(b * kvh, hd, t)
-    out = ops.grouped_attention(q.astype(dtype), k, v, mask, 1.0 / math.sqrt(hd))
-    out = out.reshape(b, kvh, g, s, hd).transpose(0, 3, 1, 2, 4).reshape(b, s, cfg.heads * hd)
+    if write_slot is not None:  # the cache's slots are not in key order: one block
+        out = _attend(q, k, v, mask, kvh, g, dtype)
+    else:  # keys are [prefix, sequence] in slot order: key j > prefix + i never reaches query i
+        n_prefix = t - s
+        out = jnp.concatenate([
+            _attend(q[:, s0:s1], k[..., :n_prefix + s1], v[..., :n_prefix + s1],
+                    mask[:, s0:s1, :n_prefix + s1], kvh, g, dtype)
+            for s0, s1 in causal_query_blocks(s)], axis=1)
     return ops.linear(out, p["o"]["kernel"], dtype, ops.fold_key(rng, 3)), new_kv
+
+
+CAUSAL_BLOCK = 128  # query rows per block when a sequence is long enough to split
+
+
+def causal_query_blocks(s: int) -> list[tuple[int, int]]:
+    """Query row ranges [s0, s1) that attend separately over keys [0, prefix + s1).
+
+    Why: without a cache, key j (after any prefix) is masked for every query before it, so one
+    [s, s] score matrix spends half its dots and softmax work on zeros. Splitting the queries
+    into up to 8 blocks of at least CAUSAL_BLOCK rows skips the keys each block cannot see
+    (5/8 of the work at 4 blocks, 9/16 at 8); short sequences stay one block.
+    """
+    n = min(8, s // CAUSAL_BLOCK)
+    if n <= 1:
+        return [(0, s)]
+    bounds = [round(i * s / n) for i in range(n + 1)]
+    return list(zip(bounds[:-1], bounds[1:]))
+
+
+def _attend(q, k, v, mask, kv_heads: int, groups: int, dtype):
+    """Attention of q [b, s, heads, d] over k, v [b*kv, d, t] -> [b, s, heads*d].
+
+    Grouped heads that share a KV head are stacked along the query axis ([b*kv, g*s, d]), the
+    layout `ops.grouped_attention` computes in.
+    """
+    b, s, _, hd = q.shape
+    q = q.reshape(b, s, kv_heads, groups, hd).transpose(0, 2, 3, 1, 4)
+    q = q.reshape(b * kv_heads, groups * s, hd).astype(dtype)
+    out = ops.grouped_attention(q, k, v, mask, 1.0 / math.sqrt(hd))
+    out = out.reshape(b, kv_heads, groups, s, hd).transpose(0, 3, 1, 2, 4)
+    return out.reshape(b, s, kv_heads * groups * hd)
 
 
 def mlp_block(p, cfg: ModelConfig, x, rng=None):
