@@ -8,13 +8,11 @@ tokens/s, eval loss and task accuracy per method (hyperparameters: `--config.pef
 """
 
 from configs.demo import get_config as demo_config
+from ptjax import peft
 
 
 def get_config(arg=None):
     c = demo_config(arg)
-    # (name, method, learning rate): each method at a learning rate it is usually trained with.
-    c.demo.stages = [("full", "full", 5e-4), ("lora", "lora", 2e-3), ("dora", "dora", 2e-3),
-                     ("ia3", "ia3", 1e-2), ("adapter", "adapter", 2e-3),
-                     ("prompt", "prompt", 3e-2), ("ptuning", "ptuning", 1e-2),
-                     ("prefix", "prefix", 1e-2)]
+    # (name, method, learning rate): every method at the rate it is usually trained with.
+    c.demo.stages = [(name, name, m.default_lr, "") for name, m in peft.METHODS.items()]
     return c

@@ -29,8 +29,10 @@ def get_config(arg=None):
     c.demo.sft_examples = 20000
     c.demo.eval_examples = 400
     c.demo.base_dir = ""  # reuse a finished base stage from another workdir ("" = WORKDIR/base)
-    # Fine-tuning stages after the base: (name in summary.json, peft.method, learning rate).
-    c.demo.stages = [("sft", "full", 5e-4), ("sft_lora", "lora", 2e-3)]
+    # Fine-tuning stages after the base: (name in summary.json, peft.method, learning rate,
+    # quant.method of the base: nf4 + lora is QLoRA).
+    c.demo.stages = [("sft", "full", 5e-4, ""), ("sft_lora", "lora", 2e-3, ""),
+                     ("sft_qlora", "lora", 2e-3, "nf4")]
     # Per-stage overrides of train / optim / eval.
     c.demo.pretrain = ml_collections.ConfigDict({
         "train": {"steps": 300},

@@ -4,34 +4,35 @@
         --config.data.train=train.jsonl --config.data.eval=eval.jsonl
     python launch.py --config=configs/sft.py:peft=lora --workdir=runs/sft_lora \
         --config.peft.rank=8 --config.peft.alpha=16
+    python launch.py --config=configs/sft.py:peft=lora,quant=nf4 --workdir=runs/sft_qlora
 
 `peft=NAME` picks full, lora, dora, ia3, adapter, prompt, ptuning or prefix; its hyperparameters
-are `--config.peft.*`. With no `data.train` it fine-tunes on the demo's generated instruction
-data. Start from a Hugging Face Llama folder with `--config.model.init=PATH
---config.data.tokenizer=PATH`. At the end, WORKDIR/adapter holds the adapter in PEFT's file
+are `--config.peft.*`. `quant=NAME` quantizes the base first (int8, int4, fp8, nf4, fp4;
+`--config.quant.*`): `configs/sft.py:peft=lora,quant=nf4` is QLoRA, and `quant=int4` with
+`--config.quant.qat=True` is quantization-aware full fine-tuning. With no `data.train` it
+fine-tunes on the demo's generated instruction data. Start from a Hugging Face folder, a GGUF
+file or a ptjax run with `--config.model.init=PATH`. At the end, WORKDIR/adapter holds the adapter in PEFT's file
 format and WORKDIR/merged the merged model in Hugging Face's (for methods that merge).
 """
 
-from ptjax.peft import METHODS
+from ptjax import peft
 from ptjax.train.config import base_config
-
-# Learning rates each method is usually trained with; override with --config.optim.lr.
-DEFAULT_LR = {"full": 5e-4, "lora": 2e-3, "dora": 2e-3, "ia3": 1e-2, "adapter": 2e-3,
-              "prompt": 3e-2, "ptuning": 1e-2, "prefix": 1e-2}
 
 
 def get_config(arg=None):
     options = dict(kv.split("=", 1) for kv in arg.split(",")) if arg else {}
-    unknown = set(options) - {"peft"}
+    unknown = set(options) - {"peft", "quant"}
     if unknown:
-        raise ValueError(f"configs/sft.py: unknown option(s) {sorted(unknown)}; use peft=NAME")
+        raise ValueError(f"configs/sft.py: unknown option(s) {sorted(unknown)}; use peft=NAME "
+                         "and quant=NAME")
     method = options.get("peft", "full")
-    if method not in METHODS:
-        raise ValueError(f"configs/sft.py: peft={method!r} is not one of {METHODS}")
+    if method not in peft.METHODS:
+        raise ValueError(f"configs/sft.py: peft={method!r} is not one of {tuple(peft.METHODS)}")
     c = base_config()
     c.trainer = "sft"
     c.peft.method = method
-    c.optim.lr = DEFAULT_LR[method]
+    c.optim.lr = peft.METHODS[method].default_lr  # the method's usual rate; --config.optim.lr
+    c.quant.method = options.get("quant", "")
     # P-tuning as PEFT places it, so WORKDIR/adapter runs the same in PEFT (P_TUNING).
     c.peft.ptuning_placement = "prepend"
     return c

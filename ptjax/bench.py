@@ -26,7 +26,7 @@ import numpy as np  # noqa: E402
 import optax  # noqa: E402
 from absl import app, flags  # noqa: E402
 
-from ptjax import peft  # noqa: E402
+from ptjax import peft, quant  # noqa: E402
 from ptjax import tree as ptree  # noqa: E402
 from ptjax.data import ByteTokenizer  # noqa: E402
 from ptjax.models import llama  # noqa: E402
@@ -38,8 +38,8 @@ from ptjax.train.config import base_config  # noqa: E402
 FLAGS = flags.FLAGS
 flags.DEFINE_string("preset", "llama-56m", "Model preset.")
 flags.DEFINE_list("method", ["full"], "Methods to time: full, frozen (the bound for adapters: "
-                  "only the input embeddings train), lora, dora, ia3, adapter, prompt, ptuning, "
-                  "prefix.")
+                  "only the input embeddings train), lora, qlora (LoRA on an NF4 base), dora, "
+                  "ia3, adapter, prompt, ptuning, prefix.")
 flags.DEFINE_integer("batch", 8, "Sequences per step.")
 flags.DEFINE_integer("seq", 512, "Tokens per sequence.")
 flags.DEFINE_list("dtype", ["bfloat16"], "Compute dtypes to time (bfloat16, float32).")
@@ -84,14 +84,17 @@ def flops_per_token(cfg: ModelConfig, seq: int, trainable_matmul_params: int) ->
 def method_params(cfg: ModelConfig, method: str, params):
     """(params, trainable regex) of a benchmark method: `full`, `frozen` (only the input
     embeddings train, so the backward pass runs through every layer without weight gradients:
-    the bound for adapters) or a PEFT method at its benchmark settings
-    (LoRA/DoRA r=16, alpha=32 on all attention and MLP projections)."""
+    the bound for adapters), `qlora` (LoRA on an NF4 double-quantized base) or a PEFT method at
+    its benchmark settings (LoRA/DoRA r=16, alpha=32 on all attention and MLP projections)."""
     if method == "frozen":
         return params, r"^embed/"
-    c = base_config().peft
-    c.method = method
-    c.rank, c.alpha, c.num_virtual = 16, 32.0, 16
-    return peft.apply(params, cfg, c, jax.random.key(3), ByteTokenizer())
+    c = base_config()
+    if method == "qlora":  # LoRA on an NF4 base with double-quantized absmax
+        c.quant.method, method = "nf4", "lora"
+    c.peft.method = method
+    c.peft.rank, c.peft.alpha, c.peft.num_virtual = 16, 32.0, 16
+    params = quant.apply(params, c.quant)
+    return peft.apply(params, cfg, c.peft, jax.random.key(3), ByteTokenizer())
 
 
 def random_batch(batch: int, seq: int, vocab: int, seed: int = 0) -> dict:
@@ -146,6 +149,7 @@ def time_train_step(cfg: ModelConfig, method: str, batch: int, seq: int, steps: 
         "loss": float(metrics["loss"]),
         "trainable_params": ptree.count(state.trainable),
         "optimizer_state_mb": ptree.nbytes(state.opt_state) / 2**20,
+        "parameter_mb": (ptree.nbytes(state.trainable) + ptree.nbytes(state.frozen)) / 2**20,
         "xla_temp_mb": getattr(mem, "temp_size_in_bytes", 0) / 2**20,
         "trainable_matmul_params": trainable_matmul,
     }

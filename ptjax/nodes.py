@@ -66,3 +66,14 @@ def nodes_of(params, node_type=WeightNode) -> list:
 
     jax.tree.map(visit, params, is_leaf=lambda x: isinstance(x, node_type))
     return found
+
+
+def merge(params, node_types=WeightNode):
+    """Every node of `node_types` replaced by the plain array it stands for (`materialize`).
+
+    Why generic: merging LoRA, DoRA or IA3 into the weights, or dequantizing for export, is the
+    same walk; outermost nodes are materialized whole (a LoRA over an NF4 base becomes one
+    array), so nested nodes need no order of their own.
+    """
+    return jax.tree.map(lambda x: x.materialize() if isinstance(x, node_types) else x, params,
+                        is_leaf=lambda x: isinstance(x, node_types))

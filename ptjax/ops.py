@@ -74,6 +74,29 @@ def _dense_bwd(dtype, res, dy):
 dense.defvjp(_dense_fwd, _dense_bwd)
 
 
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def dense_t(x, w_t, dtype):
+    """`x @ w_t^T` for x [..., in], w_t [out, in] (PyTorch's layout, e.g. a dequantized 4-bit
+    weight), without materializing the transpose: both operands contract their last dim."""
+    return _dot(x.astype(dtype), w_t.astype(dtype), x.ndim - 1, 1).astype(dtype)
+
+
+def _dense_t_fwd(x, w_t, dtype):
+    return dense_t(x, w_t, dtype), (x, w_t)
+
+
+def _dense_t_bwd(dtype, res, dy):
+    x, w_t = res
+    xc = x.astype(dtype).reshape(-1, x.shape[-1])
+    dy = dy.astype(dtype).reshape(-1, dy.shape[-1])
+    dx = _dot(dy, w_t.astype(dtype), 1, 0)  # [m, out] x [out, in]
+    dw_t = _dot(real_transpose(dy), xc, 1, 0)  # [out, m] x [m, in]
+    return dx.astype(x.dtype).reshape(x.shape), dw_t.astype(w_t.dtype)
+
+
+dense_t.defvjp(_dense_t_fwd, _dense_t_bwd)
+
+
 def weight_gradient(x, dy):
     """`x^T dy` [in, out] for x [m, in], dy [m, out], transposing the smaller operand.
 

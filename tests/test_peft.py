@@ -82,16 +82,16 @@ def test_lora_merge_and_unmerge_against_numpy():
     """merge gives W + s A B computed in float64 numpy; unmerge gives back the original base
     (compared with the base itself, so an error shared by merge and unmerge cannot cancel)."""
     params = perturb(lora.inject(BASE, jax.random.key(2), rank=4, alpha=6.0), lora.TRAINABLE)
-    merged = dict(ptree.flatten_with_paths(lora.merge(params)))
+    merged = dict(ptree.flatten_with_paths(nodes.merge(params)))
     base = dict(ptree.flatten_with_paths(BASE))
-    nodes = [(p, n) for p, n in ptree.flatten_with_paths(params, nodes_as_leaves=True)
+    lora_nodes = [(p, n) for p, n in ptree.flatten_with_paths(params, nodes_as_leaves=True)
              if isinstance(n, lora.LoRA)]
-    assert len(nodes) == 7 * CFG.layers
-    for path, node in nodes:
+    assert len(lora_nodes) == 7 * CFG.layers
+    for path, node in lora_nodes:
         want = (np.asarray(node.base, np.float64) +
                 1.5 * np.asarray(node.a, np.float64) @ np.asarray(node.b, np.float64))
         np.testing.assert_allclose(merged[path], want, rtol=1e-5, atol=1e-6, err_msg=path)
-    back = lora.unmerge(lora.merge(params), params)
+    back = lora.unmerge(nodes.merge(params), params)
     for path, node in ptree.flatten_with_paths(back, nodes_as_leaves=True):
         if isinstance(node, lora.LoRA):
             np.testing.assert_allclose(node.base, base[path], atol=1e-6, err_msg=path)
@@ -497,7 +497,7 @@ def test_lora_on_any_node_composes():
                                targets=r"attn/k/kernel$"), r"kernel/(a|b)$", key=9)
     node = both["layers_0"]["attn"]["k"]["kernel"]
     assert isinstance(node, lora.LoRA) and isinstance(node.base, ia3.IA3)
-    merged = lora.merge(ia3.merge(both))
+    merged = nodes.merge(both)
     np.testing.assert_allclose(forward(merged, CFG, TOKENS), forward(both, CFG, TOKENS),
                                rtol=1e-5, atol=1e-5)
     # ... and the other way round: IA3 wraps the LoRA node standing at its target.

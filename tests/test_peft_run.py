@@ -52,3 +52,33 @@ def test_lora_run_checkpoints_adapters_only_and_exports(tmp_path):
     projections = [(h, q), (h, kv), (h, kv), (q, h), (h, m), (h, m), (m, h)]
     assert summary["stages"]["sft"]["trainable_params"] == cfg.layers * 4 * sum(
         i + o for i, o in projections)
+
+
+def test_qlora_run_trains_adapters_on_an_nf4_base_and_exports_them(tmp_path):
+    """`configs/sft.py:peft=lora,quant=nf4`: the base is NF4 (double-quantized) in training, the
+    checkpoint keeps adapters only, and the merged export equals the unmerged NF4 + LoRA model."""
+    from ptjax import quant
+    from ptjax.train.config import base_config
+
+    workdir = str(tmp_path / "qlora")
+    subprocess.run([sys.executable, os.path.join(REPO, "launch.py"),
+                    "--config=" + os.path.join(REPO, "configs/sft.py") + ":peft=lora,quant=nf4",
+                    f"--workdir={workdir}", "--config.model.preset=tiny",
+                    "--config.train.steps=4", "--config.train.batch_size=4",
+                    "--config.train.seq_len=64", "--config.checkpoint.every=4",
+                    "--config.eval.every=0", "--config.peft.rank=4", "--config.optim.lr=0.05"],
+                   check=True, env=dict(os.environ, PTJAX_NO_REEXEC="1", XLA_FLAGS=""),
+                   capture_output=True)
+    cfg = preset("tiny")
+    base = jax.device_get(jax.jit(llama.init_params, static_argnums=0)(cfg, jax.random.key(0)))
+    qc = base_config().quant
+    qc.method = "nf4"
+    adapted = peft_format.load_adapter(quant.apply(base, qc), os.path.join(workdir, "adapter"))
+    merged = hf.load_params(os.path.join(workdir, "merged"), cfg)
+    tokens = np.random.default_rng(0).integers(3, cfg.vocab_size, (2, 16))
+    forward = jax.jit(llama.forward, static_argnums=1)
+    np.testing.assert_allclose(forward(merged, cfg, tokens), forward(adapted, cfg, tokens),
+                               rtol=1e-5, atol=1e-5)
+    saved = ocp.PyTreeCheckpointer().metadata(os.path.join(workdir, "checkpoints", "4", "state"))
+    names = [leaf.name for leaf in jax.tree.leaves(saved.item_metadata.tree)]
+    assert names and not [n for n in names if "codes" in n or n.startswith("frozen")], names

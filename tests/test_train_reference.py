@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 
 from ptjax import data as D
+from ptjax import nodes
 from ptjax import tree as ptree
 from ptjax.models import llama
 from ptjax.models.config import preset
@@ -150,7 +151,7 @@ def test_bf16_preset_with_half_precision_frozen_base(cast):
                       frozen["embed/embedding"]], jnp.float32)  # looked up, not multiplied
     step = jax.jit(functools.partial(sft.train_step, model_cfg=cfg, tx=tx))
     new, m = step(state, BATCH, None)
-    merged = lora.merge(params)
+    merged = nodes.merge(params)
     ref_loss, _ = loss_and_grads_f64(merged, CFG, BATCH)
     np.testing.assert_allclose(m["loss"], ref_loss, rtol=2e-2)
     # Same computation whichever way the frozen half is stored.

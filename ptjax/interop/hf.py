@@ -7,11 +7,14 @@ and saving both walk that table, so the two directions cannot drift apart.
 Loaded parameters are float32 *numpy* arrays: the caller decides where they live
 (`jax.device_put(params, shardings)` places each shard once, instead of first landing the whole
 model on the default device). Files stored in bfloat16 or float16 are upcast on read.
+Checkpoints saved in bitsandbytes' 4-bit format load as `NF4` nodes (`bnb_format`), and NF4
+nodes are saved back in it.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import os
 import re
@@ -24,7 +27,9 @@ from safetensors import safe_open
 from safetensors.numpy import save_file
 
 from ptjax import ops
+from ptjax.interop import bnb_format
 from ptjax.models.config import ROPE_SCALING_KEYS, ModelConfig, rope_scaling_spec
+from ptjax.quant import nf4
 
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
@@ -109,6 +114,8 @@ def _check_supported(hf: Mapping, source: str) -> None:
         raise NotImplementedError(f"{source}: attention_bias=true is not supported for llama "
                                   "(it adds an o_proj bias the model has no place for)")
     _check_sliding_window(hf, source)
+    if hf.get("quantization_config"):
+        bnb_format.check_config(hf["quantization_config"], source)
 
 
 def config_from_hf(source: str | Mapping[str, Any], **overrides) -> ModelConfig:
@@ -305,8 +312,26 @@ def load_params(folder: str, cfg: ModelConfig | None = None) -> dict:
         path = os.path.join(folder, filename)
         with _open(path) as f:
             for entry in entries:
-                _set(params, entry.path, _read_tensor(f, entry, path))
+                state_key = entry.linear and bnb_format.quant_state_key(entry.hf_key, key_files)
+                if state_key:  # bitsandbytes 4-bit: an NF4 node, no requantization
+                    _set(params, entry.path, bnb_format.read_node(
+                        functools.partial(_read_raw, folder, key_files), entry.hf_key, state_key,
+                        entry.hf_shape, path))
+                else:
+                    _set(params, entry.path, _read_tensor(f, entry, path))
     return params
+
+
+def _read_raw(folder: str, key_files: Mapping[str, str], key: str) -> np.ndarray:
+    """One tensor as stored, from whichever file holds it; a missing one is named."""
+    if key not in key_files:
+        raise ValueError(f"{folder}: checkpoint has no tensor {key!r}")
+    path = os.path.join(folder, key_files[key])
+    with _open(path) as f:
+        try:
+            return f.get_tensor(key)
+        except Exception as e:
+            raise ValueError(f"{path}: cannot read tensor {key!r} ({e})") from None
 
 
 def _read_tensor(f, entry: Entry, path: str) -> np.ndarray:
@@ -333,13 +358,17 @@ def _get(tree: Mapping, path: tuple[str, ...]):
 
 
 def _hf_tensors(params: Mapping, cfg: ModelConfig, dtype) -> dict[str, np.ndarray]:
-    """HF-named, [out, in] numpy tensors; weight nodes (LoRA, quantized) are materialized."""
+    """HF-named, [out, in] numpy tensors; weight nodes (LoRA, int8, ...) are materialized, NF4
+    nodes are written in bitsandbytes' 4-bit format."""
     tensors = {}
     for entry in hf_layout(cfg):
         try:
             leaf = _get(params, entry.path)
         except KeyError:
             raise ValueError(f"params have no {'/'.join(entry.path)} (needed for {entry.hf_key})") from None
+        if entry.linear and isinstance(leaf, nf4.NF4):  # stays 4-bit, in bitsandbytes' format
+            tensors.update(bnb_format.node_tensors(jax.device_get(leaf), entry.hf_key))
+            continue
         value = np.asarray(jax.device_get(ops.materialize(leaf)), dtype=np.float32)
         if value.shape != entry.shape:
             raise ValueError(f"param {'/'.join(entry.path)} has shape {value.shape}, "
@@ -385,6 +414,10 @@ def save_params(params: Mapping, cfg: ModelConfig, folder: str, dtype: str = "fl
     os.makedirs(folder, exist_ok=True)
     _remove_old_weights(folder)
     config = {**config_to_hf(cfg, dtype), **(extra_config or {})}
+    four_bit = [leaf for leaf in (_get(params, e.path) for e in hf_layout(cfg) if e.linear)
+                if isinstance(leaf, nf4.NF4)]  # kept 4-bit (a LoRA over one is merged to float)
+    if four_bit:
+        config["quantization_config"] = bnb_format.quantization_config(four_bit)
     with open(os.path.join(folder, CONFIG_FILE), "w", encoding="utf-8") as f:
         json.dump(config, f, indent=2)
     shards = _shards(tensors, max_shard_bytes)

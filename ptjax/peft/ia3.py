@@ -63,9 +63,3 @@ def inject(params, *, targets: str = DEFAULT_TARGETS, feedforward: str = DEFAULT
     if not any(isinstance(n, IA3) for n in jax.tree.leaves(out, is_leaf=lambda x: isinstance(x, IA3))):
         raise ValueError(f"peft.targets: {targets!r} matches no parameter")
     return out
-
-
-def merge(params):
-    """Fold IA3 vectors into the weights they scale."""
-    return jax.tree.map(lambda x: x.materialize() if isinstance(x, IA3) else x, params,
-                        is_leaf=lambda x: isinstance(x, IA3))

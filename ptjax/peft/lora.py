@@ -158,12 +158,6 @@ def inject(params, key, *, targets: str = DEFAULT_TARGETS, rank: int = 8, alpha:
 TRAINABLE = r"/(a|b|magnitude)$"  # the parts of LoRA/DoRA nodes that train
 
 
-def merge(params):
-    """Fold every LoRA/DoRA node into a plain weight: exactly the base's structure and dtypes."""
-    return jax.tree.map(lambda x: x.materialize() if isinstance(x, (LoRA, DoRA)) else x, params,
-                        is_leaf=lambda x: isinstance(x, (LoRA, DoRA)))
-
-
 def unmerge(merged, adapters):
     """Take LoRA updates back out of merged weights: `W = W_merged - s A B` at each node of
     `adapters` (a tree holding the LoRA nodes, e.g. the trained params). DoRA is not invertible

@@ -17,16 +17,20 @@ import numpy as np
 
 from ptjax import data as D
 from ptjax import peft, sampling
+from ptjax import tree as ptree
 from ptjax.train import trainer
 
 
-def stage_config(config, stage: ml_collections.ConfigDict, **peft_overrides) -> ml_collections.ConfigDict:
-    """The demo config with one stage's `train`/`optim`/`eval` settings (and PEFT method) laid over it."""
+def stage_config(config, stage: ml_collections.ConfigDict, quant_method: str = "",
+                 **peft_overrides) -> ml_collections.ConfigDict:
+    """The demo config with one stage's `train`/`optim`/`eval` settings, PEFT method and
+    quantization of the base laid over it."""
     c = ml_collections.ConfigDict(config.to_dict())
     for section in ("train", "optim", "eval"):
         if section in stage:
             c[section].update(stage[section].to_dict())
     c.peft.update(peft_overrides)
+    c.quant.method = quant_method
     return c
 
 
@@ -60,10 +64,11 @@ def pretrain_base(config, workdir: str, tokenizer) -> trainer.Result:
 
 
 def finetune(config, workdir: str, name: str, base: trainer.Result, tokenizer, eval_items,
-             lr: float, **peft_overrides) -> dict:
-    """One fine-tuning stage from the base on clean instruction pairs; returns its summary row."""
+             lr: float, quant_method: str = "", **peft_overrides) -> dict:
+    """One fine-tuning stage from the base on clean instruction pairs (the base quantized first
+    when `quant_method` is set: nf4 + lora is QLoRA); returns its summary row."""
     d, seq_len = config.demo, config.train.seq_len
-    c = stage_config(config, d.sft, **peft_overrides)
+    c = stage_config(config, d.sft, quant_method, **peft_overrides)
     c.optim.lr = lr
     started = time.time()
     result = trainer.train(c, os.path.join(workdir, name),
@@ -73,6 +78,7 @@ def finetune(config, workdir: str, name: str, base: trainer.Result, tokenizer, e
                            init_params=base.params)
     inference_params = peft.finalize(result.params, c.peft)
     return {"eval_loss": float(result.metrics["eval/loss"]),
+            "parameter_bytes": ptree.nbytes(result.params),
             "trainable_params": result.trainable_params,
             "optimizer_state_bytes": result.optimizer_state_bytes,
             "train_tokens_per_s": float(result.metrics.get("train/tokens_per_s", 0.0)),
@@ -93,9 +99,9 @@ def run(config, workdir: str) -> dict:
     stages["base"] = {"eval_loss": float(base.metrics["eval/loss"]),
                       **accuracy(base.params, base.model_cfg, tokenizer, eval_items, config.peft)}
     trainer.write_summary(summary_path, summary)
-    for name, method, lr in config.demo.stages:
+    for name, method, lr, quant_method in config.demo.stages:
         stages[name] = finetune(config, workdir, name, base, tokenizer, eval_items, lr,
-                                method=method)
+                                quant_method, method=method)
         trainer.write_summary(summary_path, summary)
     summary["seconds"] = round(time.time() - started, 1)
     trainer.write_summary(summary_path, summary)
@@ -103,8 +109,8 @@ def run(config, workdir: str) -> dict:
     return summary
 
 
-COLUMNS = ("accuracy", "eval_loss", "trainable_params", "optimizer_state_bytes",
-           "train_tokens_per_s")
+COLUMNS = ("accuracy", "eval_loss", "parameter_bytes", "trainable_params",
+           "optimizer_state_bytes", "train_tokens_per_s")
 
 
 def markdown_table(summary: dict) -> str:

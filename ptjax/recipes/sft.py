@@ -18,10 +18,6 @@ def demo_examples(tokenizer, seq_len: int, n: int, seed: int):
     return [D.encode_sft(r, tokenizer, seq_len) for r in D.instruction_records(n, seed)]
 
 
-PEFT_FILE_METHOD = {"lora": "lora", "dora": "dora", "ia3": "ia3", "prompt": "prompt_tuning",
-                    "ptuning": "p_tuning", "prefix": "prefix_tuning"}
-
-
 def export(config, workdir: str, result: trainer.Result, tokenizer, generation: dict | None = None):
     """Write the trained adapter in PEFT's format (WORKDIR/adapter) and, for methods that merge
     into the weights (full, LoRA, DoRA, IA3), the merged model as a Hugging Face folder with its
@@ -35,15 +31,16 @@ def export(config, workdir: str, result: trainer.Result, tokenizer, generation: 
     if jax.process_index() != 0:
         return
     method = config.peft.method
+    entry = peft.method(method)
     if method == "ptuning" and config.peft.ptuning_placement != "prepend":
         print(f"sft: no PEFT adapter written: PEFT's P_TUNING prepends every virtual token, and "
               f"this run placed them as {config.peft.ptuning_placement!r} "
               "(train with --config.peft.ptuning_placement=prepend to export)")
-    elif method in PEFT_FILE_METHOD:
+    elif entry.peft_file:
         peft_format.save_adapter(result.params, result.model_cfg, os.path.join(workdir, "adapter"),
-                                 method=PEFT_FILE_METHOD[method], use_rslora=config.peft.rslora,
+                                 method=entry.peft_file, use_rslora=config.peft.rslora,
                                  base_model_name_or_path=config.model.init)
-    if method in ("full", "lora", "dora", "ia3"):
+    if entry.merges:
         merged = jax.device_get(peft.finalize(result.params, config.peft))
         export_lib.save_hf(merged, result.model_cfg, tokenizer, os.path.join(workdir, "merged"),
                            generation=generation)

@@ -55,6 +55,17 @@ def base_config() -> ml_collections.ConfigDict:
     c.optim.clip_norm = 1.0
     c.optim.momentum = 0.0  # sgd only
 
+    # Quantization (ptjax.quant), applied to the base before any PEFT method wraps it.
+    c.quant = ml_collections.ConfigDict()
+    c.quant.method = ""  # "", int8, int4, fp8 (scaled), nf4, fp4 (bitsandbytes' 4-bit)
+    c.quant.qat = False  # int8/int4/fp8: fake-quantize trainable weights instead of storing codes
+    c.quant.targets = ""  # regex of kernels to quantize ("" = every attention and MLP projection)
+    c.quant.granularity = "channel"  # int8/int4/fp8 scales: channel, group or tensor
+    c.quant.group_size = 128  # input rows per scale for granularity=group
+    c.quant.symmetric = True  # False: int codes with a zero point (asymmetric)
+    c.quant.clip = 1.0  # fraction of the absmax (or min/max) range kept; outside saturates
+    c.quant.activations = ""  # also round layer inputs per token: int8, int4 or fp8
+    c.quant.double_quant = True  # nf4/fp4: quantize the block absmax again (4.127 bits/param)
     # Parameter-efficient fine-tuning (ptjax.peft); `method` picks one, the rest are its knobs.
     c.peft = ml_collections.ConfigDict()
     c.peft.method = "full"  # full, lora, dora, ia3, adapter, prompt, ptuning, prefix

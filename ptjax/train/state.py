@@ -11,7 +11,9 @@ import optax
 
 from ptjax import tree as ptree
 
-LOOKUP_TABLES = r"(^|/)embed/"  # frozen matrices read by `ops.embed`, never cast
+# Frozen float matrices that only ever feed a matmul: kernels, and the base a node wraps. Lookup
+# tables (read by `ops.embed` in float32) and quantized nodes' codes and scales keep their dtypes.
+MATMUL_WEIGHTS = r"/kernel(/base)*$"
 
 
 @flax.struct.dataclass
@@ -42,14 +44,15 @@ def create(params, trainable_mask, tx: optax.GradientTransformation, seed: int,
     update, the matmuls cast them to it anyway, so results are identical while the frozen base
     takes half the memory and no per-step cast (how adapter training keeps a 7B base small).
     Vectors (norm scales, biases) and the embedding table keep their dtype: the table is read by
-    a lookup in float32, not by a matmul, so rounding it would change the model.
+    a lookup in float32, not by a matmul, so rounding it would change the model. So do the codes,
+    scales and offsets of quantized weights (`MATMUL_WEIGHTS` names what is cast).
     """
     trainable, frozen = ptree.split(params, trainable_mask)
     if frozen_matmul_dtype is not None:
         frozen = jax.tree.map(
-            lambda x, table: x.astype(frozen_matmul_dtype)
-            if x.ndim >= 2 and jnp.issubdtype(x.dtype, jnp.floating) and not table else x,
-            frozen, ptree.select(frozen, LOOKUP_TABLES))
+            lambda x, matmul: x.astype(frozen_matmul_dtype)
+            if matmul and x.ndim >= 2 and jnp.issubdtype(x.dtype, jnp.floating) else x,
+            frozen, ptree.select(frozen, MATMUL_WEIGHTS))
     return TrainState(step=jnp.zeros((), jnp.int32), trainable=trainable, frozen=frozen,
                       opt_state=tx.init(trainable),
                       rng=jax.random.key_data(jax.random.key(seed)))

@@ -17,7 +17,7 @@ import time
 import jax
 from tqdm import tqdm
 
-from ptjax import checkpoint, peft, sharding
+from ptjax import checkpoint, peft, quant, sharding
 from ptjax import data as D
 from ptjax import tree as ptree
 from ptjax.data import PackedBatches, eval_batches
@@ -112,6 +112,8 @@ def train(config, workdir: str, train_examples, eval_examples=(), init_params=No
     # Parameters and the fresh state are created directly with their shardings.
     if init_params is None:
         init_params = jax.jit(llama.init_params, static_argnums=0)(cfg, jax.random.key(config.seed))
+    quant.check(config.quant, config.peft.method)
+    init_params = quant.apply(init_params, config.quant)
     init_params, trainable = peft.apply(init_params, cfg, config.peft,
                                         jax.random.fold_in(jax.random.key(config.seed), 1),
                                         tokenizer or D.load_tokenizer(config.data.tokenizer))
