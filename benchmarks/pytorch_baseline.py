@@ -17,7 +17,8 @@ which ptjax does not depend on. Run it in a separate venv, e.g.:
 --dtype bfloat16 runs the forward under torch.autocast("cpu", bfloat16) with
 float32 master weights; --dtype float32 runs plain float32. --method lora wraps
 the model with peft LoRA (r=16, alpha=32, all attention + MLP projections) and
-optimises only the LoRA parameters. Prints one JSON line with the median step
+optimises only the LoRA parameters; --method qlora does the same on an NF4 base with double
+quantization (transformers + bitsandbytes, compute in --dtype). Prints one JSON line with the median step
 time over the timed (non-warm-up) steps.
 """
 
@@ -50,11 +51,32 @@ MODELS = {
 }
 
 
-def build_model(method: str, name: str = "llama-56m") -> torch.nn.Module:
+def quantized_4bit(model: torch.nn.Module, compute_dtype: torch.dtype) -> torch.nn.Module:
+    """The model reloaded through transformers' bitsandbytes integration: NF4 with double
+    quantization (QLoRA's base), norms kept in float32, no gradient checkpointing."""
+    import tempfile
+
+    from peft import prepare_model_for_kbit_training
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    with tempfile.TemporaryDirectory() as folder:
+        model.save_pretrained(folder)
+        model = AutoModelForCausalLM.from_pretrained(
+            folder, dtype=torch.float32, attn_implementation="sdpa",
+            quantization_config=BitsAndBytesConfig(
+                load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                bnb_4bit_compute_dtype=compute_dtype))
+    return prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+
+
+def build_model(method: str, name: str = "llama-56m",
+                compute_dtype: torch.dtype = torch.bfloat16) -> torch.nn.Module:
     config = LlamaConfig(**MODELS[name])
     config._attn_implementation = "sdpa"
     model = LlamaForCausalLM(config).to(torch.float32)
-    if method == "lora":
+    if method == "qlora":
+        model = quantized_4bit(model, compute_dtype)
+    if method in ("lora", "qlora"):
         from peft import LoraConfig, get_peft_model
 
         lora_cfg = LoraConfig(
@@ -73,7 +95,7 @@ def build_model(method: str, name: str = "llama-56m") -> torch.nn.Module:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", choices=sorted(MODELS), default="llama-56m")
-    p.add_argument("--method", choices=["full", "lora"], default="full")
+    p.add_argument("--method", choices=["full", "lora", "qlora"], default="full")
     p.add_argument("--dtype", choices=["bfloat16", "float32"], default="bfloat16")
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--seq", type=int, default=512)
@@ -87,7 +109,10 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
 
-    model = build_model(args.method, args.model).to(args.device)
+    compute_dtype = torch.bfloat16 if args.dtype == "bfloat16" else torch.float32
+    model = build_model(args.method, args.model, compute_dtype)
+    if args.method != "qlora":  # bitsandbytes places its own weights
+        model = model.to(args.device)
     params = [q for q in model.parameters() if q.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-4)
     vocab = model.config.vocab_size

@@ -13,6 +13,8 @@ fraction of the absmax (values outside saturate), the usual trade of outliers fo
 
 from __future__ import annotations
 
+import functools
+
 import flax.struct
 import jax
 import jax.numpy as jnp
@@ -171,9 +173,10 @@ class Quantized(WeightNode):
         return w.reshape(self.kernel_shape).astype(dtype)
 
     def linear(self, x, dtype, rng=None):
+        """`x W` with W dequantized here (again in the backward pass, never kept whole)."""
         if self.act_fmt:
             x = quantize_activations(x, self.act_fmt)
-        return ops.dense(x, self.dequantize(dtype), dtype)
+        return _dequantized_matmul(self, x, dtype)
 
     def materialize(self):
         return self.dequantize(F32).astype(self.dtype)
@@ -181,6 +184,11 @@ class Quantized(WeightNode):
     def part_axes(self, axes):
         return {"codes": (None, None, axes[1]), "scale": (None, None, axes[1]),
                 "zero": (None, None, axes[1])}
+
+
+@functools.partial(jax.checkpoint, static_argnums=(2,))
+def _dequantized_matmul(node: Quantized, x, dtype):
+    return ops.dense(x, node.dequantize(dtype), dtype)
 
 
 def quantize(kernel, fmt: str = "int8", granularity: str = "channel", group_size: int = 128,

@@ -23,6 +23,7 @@ import functools
 import math
 
 import flax.struct
+import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -96,6 +97,13 @@ def blockwise_quantize(values: np.ndarray, levels: np.ndarray, block: int):
     return _nearest(normalized, levels).reshape(-1)[:n], absmax
 
 
+@functools.lru_cache(maxsize=None)
+def byte_levels(quant_type: str) -> np.ndarray:
+    """[256, 2] float32: the (high nibble, low nibble) levels of every byte value."""
+    byte = np.arange(256)
+    return np.stack([LEVELS[quant_type][byte >> 4], LEVELS[quant_type][byte & 15]], axis=1)
+
+
 def pack_nibbles(codes: np.ndarray) -> np.ndarray:
     """Two 4-bit codes per byte, the first in the high nibble (an odd count pads with 0)."""
     codes = np.asarray(codes, np.uint8)
@@ -156,17 +164,19 @@ class NF4(WeightNode):
         """The weight as PyTorch's [out, in] (the layout the codes run over), in `dtype`."""
         n_in, n_out = self.kernel_shape
         n = n_in * n_out
-        idx = unpack_nibbles(self.codes, n).astype(jnp.int32)
-        values = jnp.asarray(LEVELS[self.quant_type])[idx]
-        pad = (-n) % self.blocksize
-        blocks = jnp.pad(values, (0, pad)).reshape(-1, self.blocksize)
-        w = (blocks * self.block_absmax()[:, None]).reshape(-1)[:n]
+        # One lookup per byte gives both of its levels (no per-value integer codes in memory).
+        values = jnp.asarray(byte_levels(self.quant_type))[self.codes].reshape(-1)
+        if n % self.blocksize == 0:  # every real weight: reshapes only, one fused pass
+            w = values.reshape(-1, self.blocksize) * self.block_absmax()[:, None]
+            return w.reshape(n_out, n_in).astype(dtype)
+        blocks = jnp.pad(values, (0, (-values.size) % self.blocksize)).reshape(-1, self.blocksize)
+        w = (blocks * self.block_absmax()[:, None]).reshape(-1)[:n]  # a short last block
         return w.reshape(n_out, n_in).astype(dtype)
 
     def linear(self, x, dtype, rng=None):
         """`x W` with W dequantized here, in the compute dtype: only this layer's weight ever
-        exists in full precision."""
-        return ops.dense_t(x, self.dequantize_transposed(dtype), dtype)
+        exists in full precision (the backward pass dequantizes again rather than keep it)."""
+        return _dequantized_matmul(self, x, dtype)
 
     def materialize(self):
         return self.dequantize_transposed(F32).T.astype(self.dtype)
@@ -175,6 +185,11 @@ class NF4(WeightNode):
         # Codes and scales run over the flattened weight: replicated, like any 1-D leaf.
         return {"codes": (None,), "absmax": (None,), "absmax_scale": (None,), "offset": (),
                 "code_map": (None,)}
+
+
+@functools.partial(jax.checkpoint, static_argnums=(2,))
+def _dequantized_matmul(node: NF4, x, dtype):
+    return ops.dense_t(x, node.dequantize_transposed(dtype), dtype)
 
 
 def quantize(kernel, quant_type: str = "nf4", double_quant: bool = True,
