@@ -620,3 +620,20 @@ def test_ia3_vectors_follow_their_side_of_the_weight():
     node = ia3.IA3(base=base, ia3=scale, side=_runtime("input"))
     np.testing.assert_allclose(node.linear(x, jnp.float32), (x * scale) @ base, rtol=1e-6)
     np.testing.assert_allclose(node.materialize(), scale[:, None] * base, rtol=1e-6)
+
+
+def test_registry_names_each_methods_peft_type_merge_and_rate():
+    """One record per method: the PEFT type its adapter file declares, whether `finalize` folds
+    it into the weights, and a usable default learning rate."""
+    from ptjax.interop import peft_format
+
+    peft_types = {m.name: peft_format.METHODS[m.peft_file] if m.peft_file else None
+                  for m in peft.METHODS.values()}
+    assert peft_types == {"full": None, "lora": "LORA", "dora": "LORA", "ia3": "IA3",
+                          "adapter": None, "prompt": "PROMPT_TUNING", "ptuning": "P_TUNING",
+                          "prefix": "PREFIX_TUNING"}
+    mergeable = {name for name, m in peft.METHODS.items() if m.merges}
+    assert mergeable == {"full", "lora", "dora", "ia3"}
+    assert all(0 < m.default_lr < 0.1 for m in peft.METHODS.values())
+    with pytest.raises(ValueError, match="peft.method: unknown method 'qlora'"):
+        peft.method("qlora")

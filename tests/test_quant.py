@@ -327,3 +327,20 @@ def test_bitsandbytes_files_with_wrong_parts_or_other_quantization_are_refused(t
     json.dump(config, open(f"{folder}/config.json", "w"))
     with pytest.raises(NotImplementedError, match="quantization_config"):
         hf.config_from_hf(folder)
+
+
+def test_frozen_quantized_scales_keep_float32_when_the_base_is_cast_to_bf16():
+    """`state.create` casts frozen matmul weights to the compute dtype, never the (3-D, float)
+    per-group scales or zero points of a quantized weight, nor a LoRA base's codes."""
+    q = quant.apply(BASE, _quant_cfg(method="int4", granularity="group", group_size=16,
+                                     symmetric=False))
+    pc = base_config().peft
+    pc.method = "lora"
+    params, trainable = peft.apply(q, CFG, pc, jax.random.key(2))
+    state = state_lib.create(params, ptree.select(params, trainable), optax.sgd(0.1), seed=0,
+                             frozen_matmul_dtype=jnp.bfloat16)
+    frozen = dict(ptree.flatten_with_paths(state.frozen))
+    assert frozen["layers_0/mlp/up/kernel/base/scale"].ndim == 3
+    assert frozen["layers_0/mlp/up/kernel/base/scale"].dtype == jnp.float32
+    assert frozen["layers_0/mlp/up/kernel/base/zero"].dtype == jnp.float32
+    assert frozen["lm_head/kernel"].dtype == jnp.bfloat16  # plain matmul weights are cast

@@ -129,10 +129,6 @@ class NF4(WeightNode):
     `materialize` returns (the weight's original dtype).
     """
 
-    def dynamic_map(self):
-        """The 8-bit map the absmax codes index (a loaded file's own, else bitsandbytes')."""
-        return dynamic_code_map() if self.code_map is None else self.code_map
-
     codes: jnp.ndarray
     absmax: jnp.ndarray
     absmax_scale: jnp.ndarray | None = None
@@ -150,6 +146,10 @@ class NF4(WeightNode):
     @property
     def double_quantized(self) -> bool:
         return self.absmax_scale is not None
+
+    def dynamic_map(self):
+        """The 8-bit map the absmax codes index (a loaded file's own, else bitsandbytes')."""
+        return dynamic_code_map() if self.code_map is None else self.code_map
 
     def block_absmax(self):
         """Float32 absmax per 64-block (double quantization undone)."""
