@@ -124,7 +124,7 @@ def time_train_step(cfg: ModelConfig, method: str, batch: int, seq: int, steps: 
     """Compile and time one train step; returns timing, memory and trainable-size figures."""
     params = host_init(cfg)
     params, trainable = method_params(cfg, method, params)
-    mask = ptree.select(params, trainable)
+    mask = ptree.trainable_mask(params, trainable)
     tx = optax.adamw(1e-4)
     state = state_lib.create(params, mask, tx, seed=0, frozen_matmul_dtype=cfg.compute_dtype)
     del params

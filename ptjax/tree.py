@@ -61,6 +61,14 @@ def select(tree: PyTree, pattern: str | None) -> PyTree:
     return map_with_path(lambda p, _: bool(regex.search(p)), tree)
 
 
+def trainable_mask(tree: PyTree, pattern: str | None) -> PyTree:
+    """`select(tree, pattern)` restricted to floating-point leaves: integer codes and boolean
+    masks inside weight nodes (quantized or pruned weights) can never take a gradient step, so
+    a pattern like `.*` (full fine-tuning) leaves them frozen."""
+    return jax.tree.map(lambda m, x: bool(m) and jax.numpy.issubdtype(x.dtype, jax.numpy.floating),
+                        select(tree, pattern), tree)
+
+
 def split(tree: PyTree, mask: PyTree) -> tuple[PyTree, PyTree]:
     """Split into (selected, rest): two trees of the same structure with `None` holes.
 

@@ -17,7 +17,7 @@ import time
 import jax
 from tqdm import tqdm
 
-from ptjax import checkpoint, peft, quant, sharding
+from ptjax import checkpoint, peft, prune, quant, sharding
 from ptjax import data as D
 from ptjax import tree as ptree
 from ptjax.data import PackedBatches, eval_batches
@@ -112,12 +112,17 @@ def train(config, workdir: str, train_examples, eval_examples=(), init_params=No
     # Parameters and the fresh state are created directly with their shardings.
     if init_params is None:
         init_params = jax.jit(llama.init_params, static_argnums=0)(cfg, jax.random.key(config.seed))
+    prune.check(config.prune)
     quant.check(config.quant, config.peft.method)
+    calibration = (prune.calibration_rows(train_examples, tc.seq_len,
+                                          config.prune.calibration_rows)
+                   if config.prune.method in prune.CALIBRATED else None)
+    init_params = prune.apply(init_params, config.prune, cfg, calibration)
     init_params = quant.apply(init_params, config.quant)
     init_params, trainable = peft.apply(init_params, cfg, config.peft,
                                         jax.random.fold_in(jax.random.key(config.seed), 1),
                                         tokenizer or D.load_tokenizer(config.data.tokenizer))
-    trainable_mask = ptree.select(init_params, trainable)
+    trainable_mask = ptree.trainable_mask(init_params, trainable)
     tx = optim.make_optimizer(config.optim, ptree.split(init_params, trainable_mask)[0], tc.steps)
     create = functools.partial(state_lib.create, trainable_mask=trainable_mask, tx=tx,
                                seed=config.seed, frozen_matmul_dtype=cfg.compute_dtype)
