@@ -1,5 +1,5 @@
 """Perplexity of SmolLM2-135M-Instruct (its GGUF, dequantized to float32) dense, with 50%
-magnitude pruning and with 50% Wanda, on the Python documentation topics that ship with every
+magnitude pruning, 50% Wanda and 50% SparseGPT, on the Python documentation topics that ship with every
 Python (`pydoc_data.topics`): the setup issue 7 quotes transformers' figures for (dense 11.1,
 magnitude 227, Wanda 21.0).
 
@@ -61,6 +61,8 @@ def main():
     c.method, c.sparsity = "wanda", 0.5
     wanda = prune.apply(params, c, cfg, calib)
     results["wanda"] = perplexity(wanda, cfg, evaluation)
+    c.method = "sparsegpt"
+    results["sparsegpt"] = perplexity(prune.apply(params, c, cfg, calib), cfg, evaluation)
     results["seconds"] = round(time.time() - started, 1)
     print(json.dumps(results))
 

@@ -2,7 +2,8 @@
 
 `apply(params, prune_cfg)` wraps every kernel `prune.targets` matches in a `Masked` node whose
 boolean mask (beside the weight, frozen) keeps the weights the criterion chose: `magnitude`
-(per layer), `global` (one threshold over all targets), `random` (the baseline), each optionally
+(per layer), `global` (one threshold over all targets), `random` (the baseline), or from
+calibration text `wanda` and `sparsegpt` (which also updates the kept weights), each optionally
 with N:M structure along the input dimension (`prune.structure="2:4"`). The pruned entries of the
 weight are set to zero and the forward pass multiplies by the mask, so they stay exactly zero
 through any optimizer (a zero gradient and zero value give Adam nothing to move; weight decay of
@@ -24,8 +25,8 @@ from ptjax.nodes import WeightNode
 from ptjax.prune import masks, schedule  # noqa: F401  (schedule: the gradual-pruning steps)
 
 DEFAULT_TARGETS = r"layers_\d+/(attn/(q|k|v|o)|mlp/(gate|up|down))/kernel$"
-CRITERIA = ("", "magnitude", "global", "random", "wanda")
-CALIBRATED = ("wanda",)
+CRITERIA = ("", "magnitude", "global", "random", "wanda", "sparsegpt")
+CALIBRATED = ("wanda", "sparsegpt")
 
 
 @flax.struct.dataclass
@@ -132,7 +133,7 @@ def apply(params, prune_cfg, model_cfg=None, calibration_tokens=None):
         if model_cfg is None or calibration_tokens is None:
             raise ValueError(f"prune.method={prune_cfg.method!r} needs calibration tokens and the "
                              "model config")
-        return wanda(params, model_cfg, prune_cfg, calibration_tokens)
+        return calibrated(params, model_cfg, prune_cfg, calibration_tokens)
     weights = targets(params, prune_cfg)
     return with_masks(params, choose_masks(weights, prune_cfg))
 
@@ -148,10 +149,11 @@ def calibration_rows(examples, seq_len: int, rows: int) -> np.ndarray:
     return ids[:rows * seq_len].reshape(rows, seq_len)
 
 
-def wanda(params, model_cfg, prune_cfg, tokens):
-    """Wanda, layer by layer: score |W| * ||X_i|| with X the layer's inputs given the layers
-    pruned before it, keep the top of each output (or N:M), then run the pruned layer to get the
-    next layer's inputs."""
+def calibrated(params, model_cfg, prune_cfg, tokens):
+    """Wanda or SparseGPT, layer by layer: each layer's kernels are pruned from their inputs X
+    given the layers pruned before it, then the pruned layer runs to give the next layer's
+    inputs. Wanda scores |W| * ||X_i|| and keeps the top of each output (or N:M); SparseGPT also
+    updates the kept weights to compensate (`calibration.sparsegpt`)."""
     from ptjax.models import llama
     from ptjax.prune import calibration
 
@@ -165,16 +167,28 @@ def wanda(params, model_cfg, prune_cfg, tokens):
     x = llama.embed_tokens(params, model_cfg, tokens)
     for i in range(model_cfg.layers):
         name = f"layers_{i}"
-        norms, _ = calibration.input_norms(params[name], model_cfg, x, positions, mask, regex,
+        grams, _ = calibration.input_grams(params[name], model_cfg, x, positions, mask, regex,
                                            name)
-        chosen = {}
-        for path, norm in norms.items():
-            scores = calibration.wanda_scores(weights[path], norm)
+        chosen, updated = {}, {}
+        for path, (gram, count) in grams.items():
+            if prune_cfg.method == "sparsegpt":
+                updated[path], chosen[path] = calibration.sparsegpt(
+                    weights[path], gram, count, prune_cfg.sparsity, structure)
+                continue
+            scores = calibration.wanda_scores(weights[path], np.sqrt(np.diag(gram)))
             chosen[path] = (masks.n_of_m(scores, *structure) if structure
                             else masks.per_output(scores, prune_cfg.sparsity))
-        params = with_masks(params, chosen)
+        params = with_masks(_replace(params, updated), chosen)
         x, _ = llama.decoder_layer(params[name], model_cfg, x, positions, mask)
     return params
+
+
+def _replace(params, new_kernels: dict):
+    """`params` with the kernels at the given paths replaced (SparseGPT's updated weights)."""
+    if not new_kernels:
+        return params
+    return ptree.map_with_path(lambda p, w: jnp.asarray(new_kernels[p]) if p in new_kernels else w,
+                               params, nodes_as_leaves=True)
 
 
 def report(params) -> dict:

@@ -68,12 +68,12 @@ def base_config() -> ml_collections.ConfigDict:
     c.quant.double_quant = True  # nf4/fp4: quantize the block absmax again (4.127 bits/param)
     # Pruning (ptjax.prune), applied to the base before quantization and PEFT.
     c.prune = ml_collections.ConfigDict()
-    c.prune.method = ""  # "", magnitude (per layer), global, random, wanda (calibrated)
+    c.prune.method = ""  # "", magnitude (per layer), global, random; wanda, sparsegpt (calibrated)
     c.prune.sparsity = 0.5  # fraction of each targeted weight set to zero (unstructured)
     c.prune.structure = ""  # "2:4": N:M along the input dimension instead of `sparsity`
     c.prune.targets = ""  # regex of kernels ("" = every attention and MLP projection)
     c.prune.seed = 0  # prune.method=random
-    c.prune.calibration_rows = 64  # wanda: rows of train.seq_len tokens from the training data
+    c.prune.calibration_rows = 64  # wanda/sparsegpt: rows of train.seq_len tokens of train data
     # Parameter-efficient fine-tuning (ptjax.peft); `method` picks one, the rest are its knobs.
     c.peft = ml_collections.ConfigDict()
     c.peft.method = "full"  # full, lora, dora, ia3, adapter, prompt, ptuning, prefix
