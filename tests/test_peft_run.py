@@ -17,16 +17,21 @@ from ptjax.models.config import preset
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def test_lora_run_checkpoints_adapters_only_and_exports(tmp_path):
-    workdir = str(tmp_path / "run")
+def _launch_sft(options: str, workdir: str, steps: int, checkpoint_every: int):
+    """`launch.py --config=configs/sft.py:OPTIONS` on the tiny preset, rank-4 adapters."""
     subprocess.run([sys.executable, os.path.join(REPO, "launch.py"),
-                    "--config=" + os.path.join(REPO, "configs/sft.py") + ":peft=lora",
+                    "--config=" + os.path.join(REPO, "configs/sft.py") + ":" + options,
                     f"--workdir={workdir}", "--config.model.preset=tiny",
-                    "--config.train.steps=6", "--config.train.batch_size=4",
-                    "--config.train.seq_len=64", "--config.checkpoint.every=3",
+                    f"--config.train.steps={steps}", "--config.train.batch_size=4",
+                    "--config.train.seq_len=64", f"--config.checkpoint.every={checkpoint_every}",
                     "--config.eval.every=0", "--config.peft.rank=4", "--config.optim.lr=0.05"],
                    check=True, env=dict(os.environ, PTJAX_NO_REEXEC="1", XLA_FLAGS=""),
                    capture_output=True)
+
+
+def test_lora_run_checkpoints_adapters_only_and_exports(tmp_path):
+    workdir = str(tmp_path / "run")
+    _launch_sft("peft=lora", workdir, steps=6, checkpoint_every=3)
     cfg = preset("tiny")
     base = jax.jit(llama.init_params, static_argnums=0)(cfg, jax.random.key(0))
     base_bytes = sum(x.size * 4 for x in jax.tree.leaves(base))
@@ -61,14 +66,7 @@ def test_qlora_run_trains_adapters_on_an_nf4_base_and_exports_them(tmp_path):
     from ptjax.train.config import base_config
 
     workdir = str(tmp_path / "qlora")
-    subprocess.run([sys.executable, os.path.join(REPO, "launch.py"),
-                    "--config=" + os.path.join(REPO, "configs/sft.py") + ":peft=lora,quant=nf4",
-                    f"--workdir={workdir}", "--config.model.preset=tiny",
-                    "--config.train.steps=4", "--config.train.batch_size=4",
-                    "--config.train.seq_len=64", "--config.checkpoint.every=4",
-                    "--config.eval.every=0", "--config.peft.rank=4", "--config.optim.lr=0.05"],
-                   check=True, env=dict(os.environ, PTJAX_NO_REEXEC="1", XLA_FLAGS=""),
-                   capture_output=True)
+    _launch_sft("peft=lora,quant=nf4", workdir, steps=4, checkpoint_every=4)
     cfg = preset("tiny")
     base = jax.device_get(jax.jit(llama.init_params, static_argnums=0)(cfg, jax.random.key(0)))
     qc = base_config().quant

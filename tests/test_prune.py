@@ -4,13 +4,13 @@ Zhu & Gupta schedule against its closed form, and the sparsity report."""
 import functools
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
 
 from ptjax import nodes, prune
 from ptjax import tree as ptree
+from ptjax.bench import random_batch
 from ptjax.models import llama
 from ptjax.models.config import preset
 from ptjax.prune import masks, schedule
@@ -109,11 +109,7 @@ def test_pruned_weights_stay_exactly_zero_through_adamw_steps():
     mask = ptree.trainable_mask(params, ".*")  # full fine-tuning: masks are not trainable
     assert not any(v for p, v in ptree.flatten_with_paths(mask) if p.endswith("/mask"))
     state = state_lib.create(params, mask, tx, seed=0)
-    rng = np.random.default_rng(0)
-    batch = {"inputs": rng.integers(3, CFG.vocab_size, (2, 16)).astype(np.int32),
-             "targets": rng.integers(3, CFG.vocab_size, (2, 16)).astype(np.int32),
-             "loss_mask": np.ones((2, 16), np.float32), "segment_ids": np.ones((2, 16), np.int32),
-             "positions": np.tile(np.arange(16, dtype=np.int32), (2, 1))}
+    batch = random_batch(2, 16, CFG.vocab_size)
     step = jax.jit(functools.partial(sft.train_step, model_cfg=CFG, tx=tx))
     before = nodes.merge(state.params)
     for _ in range(3):
@@ -190,7 +186,7 @@ def _obs_reference(w_in_out, x, sparsity, block, damp=0.01):
     for i in range(n):
         if i % block == 0:
             d2 = np.array([np.linalg.inv(h[j:, j:])[0, 0] for j in range(i, min(i + block, n))])
-            score = w[:, i:i + block] ** 2 / d2[None, :] ** 2 * d2[None, :]  # w^2 / U_jj^2
+            score = w[:, i:i + block] ** 2 / d2[None, :]  # w^2 / U_jj^2 (U_jj^2 = d2)
             cut = int(score.size * sparsity)
             pruned[:, i:i + block] = score <= np.sort(score.reshape(-1))[cut - 1]
         hs = np.linalg.inv(h[i:, i:])

@@ -13,6 +13,7 @@ import pytest
 
 from ptjax import nodes, peft
 from ptjax import tree as ptree
+from ptjax.bench import random_batch
 from ptjax.models import llama
 from ptjax.models.config import preset
 from ptjax.quant import fake, intq, nf4
@@ -258,11 +259,7 @@ def test_qlora_gradient_reaches_only_the_adapters_and_codes_keep_their_dtypes():
     assert frozen["layers_0/attn/q/kernel/base/codes"].dtype == jnp.uint8
     assert frozen["layers_0/attn/q/kernel/base/absmax_scale"].dtype == jnp.float32
     assert frozen["layers_0/attn/q/kernel/base/offset"].dtype == jnp.float32
-    rng = np.random.default_rng(0)
-    batch = {"inputs": rng.integers(3, CFG.vocab_size, (2, 16)).astype(np.int32),
-             "targets": rng.integers(3, CFG.vocab_size, (2, 16)).astype(np.int32),
-             "loss_mask": np.ones((2, 16), np.float32), "segment_ids": np.ones((2, 16), np.int32),
-             "positions": np.tile(np.arange(16, dtype=np.int32), (2, 1))}
+    batch = random_batch(2, 16, CFG.vocab_size)
     step = jax.jit(functools.partial(sft.train_step, model_cfg=CFG, tx=tx))
     new, m = step(state, batch, None)
     chex.assert_trees_all_equal(new.frozen, state.frozen)

@@ -26,7 +26,7 @@ import numpy as np
 from ptjax.quant import nf4
 
 QUANT_STATE = ".quant_state.bitsandbytes__"
-TORCH_DTYPES = {"float32": "float32", "bfloat16": "bfloat16", "float16": "float16"}
+TORCH_DTYPES = ("float32", "bfloat16", "float16")  # weight dtypes the quant state may name
 
 
 def quant_state_key(weight_key: str, keys) -> str | None:
@@ -78,7 +78,8 @@ def read_node(get: Callable[[str], np.ndarray], weight_key: str, state_key: str,
     if absmax.size != -(-n // blocksize):
         raise bad(f"{absmax.size} absmax values for {n} values in blocks of {blocksize}")
     node = dict(codes=codes, kernel_shape=(shape[1], shape[0]), quant_type=quant_type,
-                blocksize=int(blocksize), dtype=TORCH_DTYPES.get(state.get("dtype"), "float32"))
+                blocksize=int(blocksize),
+                dtype=state["dtype"] if state.get("dtype") in TORCH_DTYPES else "float32")
     if "nested_offset" not in state:
         return nf4.NF4(absmax=absmax.astype(np.float32), **node)
     nested_map = np.asarray(get(weight_key + ".nested_quant_map"), np.float32)
@@ -118,6 +119,6 @@ def quantization_config(nodes: list[nf4.NF4]) -> dict:
             "bnb_4bit_quant_type": first.quant_type,
             "bnb_4bit_use_double_quant": first.double_quantized,
             # transformers computes in this dtype: the weights' own (what ptjax dequantizes to)
-            "bnb_4bit_compute_dtype": TORCH_DTYPES.get(first.dtype, "float32"),
+            "bnb_4bit_compute_dtype": first.dtype if first.dtype in TORCH_DTYPES else "float32",
             "bnb_4bit_quant_storage": "uint8",
             "llm_int8_skip_modules": ["lm_head"]}

@@ -83,22 +83,18 @@ def targets(params, prune_cfg) -> dict[str, np.ndarray]:
     return found
 
 
-def choose_masks(weights: dict[str, np.ndarray], prune_cfg, sparsity: float | None = None,
-                 scores: dict[str, np.ndarray] | None = None) -> dict[str, np.ndarray]:
+def choose_masks(weights: dict[str, np.ndarray], prune_cfg,
+                 sparsity: float | None = None) -> dict[str, np.ndarray]:
     """Keep-masks for `weights` (path -> [in, out]) by the configured criterion, at `sparsity`
-    (default `prune.sparsity`). `scores` (path -> [in, out]) replaces |w| as the importance
-    (calibration-based criteria provide it)."""
+    (default `prune.sparsity`)."""
     sparsity = prune_cfg.sparsity if sparsity is None else sparsity
     structure = parse_structure(prune_cfg.structure)
-    importance = scores or {p: np.abs(w) for p, w in weights.items()}
     if prune_cfg.method == "global":
-        return masks.global_magnitude(importance, sparsity)
+        return masks.global_magnitude(weights, sparsity)
     out = {}
     for i, (p, w) in enumerate(weights.items()):
-        if prune_cfg.method == "random":
-            s = np.random.default_rng(prune_cfg.seed + i).random(w.shape)
-        else:
-            s = importance[p]
+        s = (masks.random_scores(w.shape, prune_cfg.seed + i) if prune_cfg.method == "random"
+             else np.abs(w))
         out[p] = masks.n_of_m(s, *structure) if structure else masks.top_k_mask(
             s, masks.keep_count(w.size, sparsity))
     return out
@@ -167,7 +163,7 @@ def calibrated(params, model_cfg, prune_cfg, tokens):
     x = llama.embed_tokens(params, model_cfg, tokens)
     for i in range(model_cfg.layers):
         name = f"layers_{i}"
-        grams, _ = calibration.input_grams(params[name], model_cfg, x, positions, mask, regex,
+        grams = calibration.input_grams(params[name], model_cfg, x, positions, mask, regex,
                                            name)
         chosen, updated = {}, {}
         for path, (gram, count) in grams.items():

@@ -57,8 +57,8 @@ class Recorder(WeightNode):
 
 
 def input_grams(layer_params, cfg, x, positions, mask, targets: re.Pattern, prefix: str):
-    """({full path: (X^T X float64 [in, in], token count)} of every targeted kernel in one
-    layer; the layer's output). `x` [b, s, hidden] are the layer's inputs."""
+    """{full path: (X^T X float64 [in, in], token count)} of every targeted kernel in one layer,
+    from one forward pass of the layer on its inputs `x` [b, s, hidden]."""
     sums: dict = {}
 
     def wrap(path, w):
@@ -68,9 +68,9 @@ def input_grams(layer_params, cfg, x, positions, mask, targets: re.Pattern, pref
         return w
 
     recording = ptree.map_with_path(wrap, layer_params, nodes_as_leaves=True)
-    out, _ = llama.decoder_layer(recording, cfg, x, positions, mask)
+    llama.decoder_layer(recording, cfg, x, positions, mask)
     jax.effects_barrier()
-    return dict(sums), out
+    return dict(sums)
 
 
 def wanda_scores(w, norms) -> np.ndarray:

@@ -43,12 +43,14 @@ def per_output(scores, sparsity: float) -> np.ndarray:
     return mask
 
 
+def random_scores(shape, seed: int) -> np.ndarray:
+    """Uniform random importance: the baseline criterion the others must beat (any structure)."""
+    return np.random.default_rng(seed).random(shape)
+
+
 def random(shape, sparsity: float, seed: int) -> np.ndarray:
-    """A uniformly random mask with the exact kept count (the baseline criteria must beat)."""
-    size = int(np.prod(shape))
-    mask = np.zeros(size, bool)
-    mask[np.random.default_rng(seed).permutation(size)[:keep_count(size, sparsity)]] = True
-    return mask.reshape(shape)
+    """A uniformly random mask with the exact kept count."""
+    return top_k_mask(random_scores(shape, seed), keep_count(int(np.prod(shape)), sparsity))
 
 
 def n_of_m(scores, n: int = 2, m: int = 4) -> np.ndarray:

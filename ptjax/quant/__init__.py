@@ -84,7 +84,3 @@ def convert(params):
     return jax.tree.map(lambda x: fake.convert(x) if isinstance(x, fake.FakeQuant) else x, params,
                         is_leaf=lambda x: isinstance(x, fake.FakeQuant))
 
-
-def parameter_bytes(params) -> int:
-    """Bytes the parameters occupy as stored (quantized codes and scales at their own sizes)."""
-    return ptree.nbytes(params)

@@ -19,14 +19,11 @@ from ptjax import ops
 from ptjax.nodes import WeightNode
 from ptjax.quant import intq
 
-F32 = jnp.float32
 
 
 def _inside(w, scale, zero, fmt, granularity, group_size, symmetric):
     """True where a value lies within the representable (clipping) range of its scale."""
-    x = intq._grouped(w.astype(F32), granularity, group_size) / scale
-    if zero is not None:
-        x = x + zero
+    x = intq.scaled(w, scale, zero, granularity, group_size)
     lo, hi = intq.limits(fmt, symmetric)
     if fmt != "fp8":  # rounding to the end codes still counts as inside
         lo, hi = lo - 0.5, hi + 0.5

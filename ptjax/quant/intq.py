@@ -98,13 +98,17 @@ def quantize_values(w, scale, zero, fmt: str, granularity: str, group_size: int,
                     symmetric: bool):
     """Codes of w [in, out] as float32 values on the format's grid, grouped [g, rows, out]
     (integers for int formats, e4m3-representable values for fp8)."""
-    x = _grouped(w.astype(F32), granularity, group_size) / scale
+    x = scaled(w, scale, zero, granularity, group_size)
     lo, hi = limits(fmt, symmetric)
     if fmt == "fp8":
         return jnp.clip(x, lo, hi).astype(jnp.float8_e4m3fn).astype(F32)
-    if zero is not None:
-        x = x + zero
     return jnp.clip(jnp.round(x), lo, hi)
+
+
+def scaled(w, scale, zero, granularity: str, group_size: int):
+    """w [in, out] on its scales' grid, grouped [g, rows, out], before rounding and clipping."""
+    x = _grouped(w.astype(F32), granularity, group_size) / scale
+    return x if zero is None else x + zero
 
 
 def dequantize_values(q, scale, zero):

@@ -112,11 +112,10 @@ def pack_nibbles(codes: np.ndarray) -> np.ndarray:
     return ((codes[0::2] << 4) | codes[1::2]).astype(np.uint8)
 
 
-def unpack_nibbles(packed, n: int):
-    """Inverse of `pack_nibbles` for the first n codes (numpy or JAX arrays)."""
-    xp = jnp if isinstance(packed, jnp.ndarray) else np
-    both = xp.stack([packed >> 4, packed & 15], axis=-1).reshape(-1)
-    return both[:n]
+def unpack_nibbles(packed: np.ndarray, n: int) -> np.ndarray:
+    """Inverse of `pack_nibbles` for the first n codes."""
+    packed = np.asarray(packed, np.uint8)
+    return np.stack([packed >> 4, packed & 15], axis=-1).reshape(-1)[:n]
 
 
 @flax.struct.dataclass

@@ -112,7 +112,6 @@ def train(config, workdir: str, train_examples, eval_examples=(), init_params=No
     # Parameters and the fresh state are created directly with their shardings.
     if init_params is None:
         init_params = jax.jit(llama.init_params, static_argnums=0)(cfg, jax.random.key(config.seed))
-    prune.check(config.prune)
     quant.check(config.quant, config.peft.method)
     calibration = (prune.calibration_rows(train_examples, tc.seq_len,
                                           config.prune.calibration_rows)
