@@ -28,9 +28,10 @@ flags.mark_flags_as_required(["config", "workdir"])
 
 def trainers():
     """Config `trainer` name -> the run function (imported lazily: startup stays fast)."""
-    from ptjax.recipes import chat_task, demo, sft
+    from ptjax.recipes import chat_task, compare_compression, compress, demo, sft
 
-    return {"sft": sft.run, "demo": demo.run, "chat_task": chat_task.run}
+    return {"sft": sft.run, "demo": demo.run, "chat_task": chat_task.run, "compress": compress.run,
+            "compare_compression": compare_compression.run}
 
 
 def parse_flags(argv):

@@ -8,7 +8,7 @@ import numpy as np
 import optax
 import pytest
 
-from ptjax import nodes, prune
+from ptjax import nodes, ops, prune
 from ptjax import tree as ptree
 from ptjax.bench import random_batch
 from ptjax.models import llama
@@ -225,3 +225,97 @@ def test_sparsegpt_through_the_model_prunes_every_projection():
     base = np.asarray(BASE["layers_1"]["mlp"]["up"]["kernel"])
     assert np.abs(np.asarray(kept.base)[np.asarray(kept.mask)] -
                   base[np.asarray(kept.mask)]).max() > 1e-4  # kept weights were updated
+
+
+def _gradual_run(workdir, steps=12):
+    """Full fine-tuning of the tiny model with magnitude pruning rising from 10% at step 2 to
+    60% at step 10, masks updated every 2 steps, checkpoints every 6."""
+    from ptjax import data as D
+    from ptjax.train import trainer
+
+    config = base_config()
+    config.model.preset = "tiny"
+    config.train.update(steps=steps, batch_size=8, seq_len=32, log_every=6)
+    config.eval.every = 0
+    config.checkpoint.update(every=6, keep=3, async_save=False)
+    config.optim.lr = 0.02
+    config.prune.update(method="magnitude", sparsity=0.6, initial_sparsity=0.1, start_step=2,
+                        end_step=10, every=2)
+    tok = D.ByteTokenizer()
+    examples = [D.encode_sft(r, tok, 32) for r in D.instruction_records(80, seed=0)]
+    return trainer.train(config, str(workdir), examples, show_progress=False), config
+
+
+def test_gradual_pruning_follows_the_schedule_and_resumes_with_its_masks(tmp_path):
+    import json
+    import os
+    import shutil
+
+    result, config = _gradual_run(tmp_path)
+    rows = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
+    logged = {r["step"]: r["prune/sparsity"] for r in rows if "prune/sparsity" in r}
+    assert sorted(logged) == [2, 4, 6, 8, 10]
+    for step, sparsity in logged.items():  # exact per-layer counts, so within rounding
+        assert sparsity == pytest.approx(prune.gradual_sparsity(config.prune, step), abs=2e-3)
+    assert logged[2] == pytest.approx(0.1, abs=2e-3) and logged[10] == pytest.approx(0.6, abs=2e-3)
+    report = prune.report(result.params)
+    assert report["overall"] == pytest.approx(0.6, abs=2e-3)
+
+    # Resume from step 6 (the step-12 checkpoint removed): the masks chosen at steps 2-6 come back
+    # from the checkpoint, so the rerun ends exactly where the uninterrupted run did.
+    final = jax.device_get(result.params)
+    shutil.rmtree(os.path.join(tmp_path, "checkpoints", "12"))
+    resumed, _ = _gradual_run(tmp_path)
+    for (path, a), (_, b) in zip(ptree.flatten_with_paths(final),
+                                 ptree.flatten_with_paths(jax.device_get(resumed.params))):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b), err_msg=path)
+
+
+def test_gradual_masks_only_grow_and_never_revive_a_weight():
+    c = _cfg(method="magnitude", sparsity=0.75, initial_sparsity=0.0, start_step=0,
+             end_step=30, every=10)
+    params = prune.apply(BASE, c)
+    assert prune.report(params)["overall"] == 0.0
+    rng = np.random.default_rng(1)
+    previous = None
+    for step in (10, 20, 30):
+        # Training moves weights between updates; pruned entries stay zero in the effective weight.
+        params = jax.tree.map(lambda x: x + 0.05 * rng.standard_normal(np.shape(x)).astype(np.float32)
+                              if np.asarray(x).dtype == np.float32 else x, params)
+        params = prune.update_masks(params, c, step)
+        kept = {p: np.asarray(n.mask) for p, n in ptree.flatten_with_paths(params, nodes_as_leaves=True)
+                if isinstance(n, prune.Masked)}
+        if previous is not None:
+            for p in kept:
+                assert not np.any(kept[p] & ~previous[p]), p  # nothing pruned comes back
+        previous = kept
+        assert prune.report(params)["overall"] == pytest.approx(prune.gradual_sparsity(c, step),
+                                                                 abs=2e-3)
+
+
+def test_gradual_config_errors_name_the_key():
+    with pytest.raises(ValueError, match="prune.end_step"):
+        prune.check(_cfg(method="wanda", end_step=10))
+    with pytest.raises(ValueError, match="prune.end_step"):
+        prune.check(_cfg(method="magnitude", structure="2:4", end_step=10))
+    with pytest.raises(ValueError, match="prune.initial_sparsity"):
+        prune.check(_cfg(method="magnitude", sparsity=0.5, initial_sparsity=0.7, end_step=10))
+    with pytest.raises(ValueError, match="prune.schedule"):
+        prune.check(_cfg(method="magnitude", start_step=10, end_step=10))
+
+
+def test_pruned_then_quantized_keeps_zeros_and_the_mask():
+    from ptjax import quant
+
+    pruned = prune.apply(BASE, _cfg(method="magnitude", sparsity=0.5))
+    for method in ("int8", "int4", "nf4"):
+        c = base_config().quant
+        c.method = method
+        both = quant.apply(pruned, c)
+        node = both["layers_0"]["mlp"]["up"]["kernel"]
+        assert isinstance(node, prune.Masked) and isinstance(node.base, quant.QUANTIZED_NODES), method
+        w = np.asarray(node.materialize())
+        base_zero = np.asarray(ops.materialize(node.base)) == 0
+        np.testing.assert_array_equal(w[~np.asarray(node.mask)], 0)
+        np.testing.assert_array_equal(base_zero[~np.asarray(node.mask)], True)  # format maps 0 to 0
+        assert prune.report(both)["overall"] == pytest.approx(0.5, abs=2e-3)

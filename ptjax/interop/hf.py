@@ -8,7 +8,8 @@ Loaded parameters are float32 *numpy* arrays: the caller decides where they live
 (`jax.device_put(params, shardings)` places each shard once, instead of first landing the whole
 model on the default device). Files stored in bfloat16 or float16 are upcast on read.
 Checkpoints saved in bitsandbytes' 4-bit format load as `NF4` nodes (`bnb_format`), and NF4
-nodes are saved back in it.
+nodes are saved back in it; compressed-tensors checkpoints (int8, int4, fp8 weight-only) load as
+`Quantized` nodes (`ct_format`), and weight-only `Quantized` nodes are saved in that format.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ from safetensors import safe_open
 from safetensors.numpy import save_file
 
 from ptjax import ops
-from ptjax.interop import bnb_format
+from ptjax.interop import bnb_format, ct_format
 from ptjax.models.config import ROPE_SCALING_KEYS, ModelConfig, rope_scaling_spec
 from ptjax.quant import nf4
 
@@ -114,8 +115,11 @@ def _check_supported(hf: Mapping, source: str) -> None:
         raise NotImplementedError(f"{source}: attention_bias=true is not supported for llama "
                                   "(it adds an o_proj bias the model has no place for)")
     _check_sliding_window(hf, source)
-    if hf.get("quantization_config"):
-        bnb_format.check_config(hf["quantization_config"], source)
+    quant = hf.get("quantization_config")
+    if quant and quant.get("quant_method") == ct_format.METHOD:
+        ct_format.check_config(quant, source)
+    elif quant:
+        bnb_format.check_config(quant, source)
 
 
 def config_from_hf(source: str | Mapping[str, Any], **overrides) -> ModelConfig:
@@ -299,27 +303,48 @@ def load_params(folder: str, cfg: ModelConfig | None = None) -> dict:
     cfg = cfg or config_from_hf(folder)
     key_files = _key_files(folder)
     layout = hf_layout(cfg)
-    missing = [e.hf_key for e in layout if e.hf_key not in key_files]
+    stored = {e.hf_key: ct_format.stored_key(e.hf_key, key_files) for e in layout}
+    missing = [e.hf_key for e in layout if stored[e.hf_key] not in key_files]
     if missing:
         raise ValueError(f"{folder}: checkpoint has no tensor {missing[0]!r} "
                          f"({len(missing)} missing in all)")
     _check_unmapped(key_files, {e.hf_key for e in layout}, cfg, folder)
+    schemes = _ct_schemes(folder, layout)
+    ct_format.check_claimed(key_files, {k.removesuffix(".weight") for k in schemes}, folder)
+    read_raw = functools.partial(_read_raw, folder, key_files)
     params: dict = {}
     by_file: dict[str, list[Entry]] = {}
     for entry in layout:
-        by_file.setdefault(key_files[entry.hf_key], []).append(entry)
+        by_file.setdefault(key_files[stored[entry.hf_key]], []).append(entry)
     for filename, entries in by_file.items():
         path = os.path.join(folder, filename)
         with _open(path) as f:
             for entry in entries:
                 state_key = entry.linear and bnb_format.quant_state_key(entry.hf_key, key_files)
+                if state_key and schemes:
+                    raise ValueError(f"{path}: {entry.hf_key} is bitsandbytes 4-bit, but "
+                                     "config.json describes a compressed-tensors checkpoint")
                 if state_key:  # bitsandbytes 4-bit: an NF4 node, no requantization
                     _set(params, entry.path, bnb_format.read_node(
-                        functools.partial(_read_raw, folder, key_files), entry.hf_key, state_key,
-                        entry.hf_shape, path))
+                        read_raw, entry.hf_key, state_key, entry.hf_shape, path))
+                elif entry.hf_key in schemes:  # compressed-tensors: a Quantized node, same codes
+                    _set(params, entry.path, ct_format.read_node(
+                        read_raw, entry.hf_key, entry.hf_shape, schemes[entry.hf_key], path))
                 else:
                     _set(params, entry.path, _read_tensor(f, entry, path))
     return params
+
+
+def _ct_schemes(folder: str, layout: list[Entry]) -> dict[str, dict]:
+    """The compressed-tensors scheme of each quantized Linear weight, by HF key (empty unless
+    `config.json` has a compressed-tensors `quantization_config`)."""
+    path = os.path.join(folder, CONFIG_FILE)
+    quant = _read_json(path).get("quantization_config") if os.path.exists(path) else None
+    if not quant or quant.get("quant_method") != ct_format.METHOD:
+        return {}
+    ct_format.check_config(quant, path)
+    found = {e.hf_key: ct_format.scheme_for(quant, e.hf_key) for e in layout if e.linear}
+    return {key: scheme for key, scheme in found.items() if scheme is not None}
 
 
 def _read_raw(folder: str, key_files: Mapping[str, str], key: str) -> np.ndarray:
@@ -331,7 +356,24 @@ def _read_raw(folder: str, key_files: Mapping[str, str], key: str) -> np.ndarray
         try:
             return f.get_tensor(key)
         except Exception as e:
+            if key in f.keys() and f.get_slice(key).get_dtype() in _FLOAT8:
+                return _read_float8(path, key)
             raise ValueError(f"{path}: cannot read tensor {key!r} ({e})") from None
+
+
+_FLOAT8 = {"F8_E4M3": ml_dtypes.float8_e4m3fn}
+
+
+def _read_float8(path: str, key: str) -> np.ndarray:
+    """safetensors' numpy reader has no float8 dtype; read such a tensor from the file itself
+    (an 8-byte little-endian header size, a JSON header, then the raw data)."""
+    with open(path, "rb") as f:
+        header_size = int.from_bytes(f.read(8), "little")
+        info = json.loads(f.read(header_size))[key]
+        begin, end = info["data_offsets"]
+        f.seek(8 + header_size + begin)
+        data = f.read(end - begin)
+    return np.frombuffer(data, _FLOAT8[info["dtype"]]).reshape(info["shape"])
 
 
 def _read_tensor(f, entry: Entry, path: str) -> np.ndarray:
@@ -358,8 +400,9 @@ def _get(tree: Mapping, path: tuple[str, ...]):
 
 
 def _hf_tensors(params: Mapping, cfg: ModelConfig, dtype) -> dict[str, np.ndarray]:
-    """HF-named, [out, in] numpy tensors; weight nodes (LoRA, int8, ...) are materialized, NF4
-    nodes are written in bitsandbytes' 4-bit format."""
+    """HF-named, [out, in] numpy tensors; weight nodes (LoRA, ...) are materialized, NF4
+    nodes are written in bitsandbytes' 4-bit format, weight-only int8 / int4 / fp8 nodes in
+    compressed-tensors'."""
     tensors = {}
     for entry in hf_layout(cfg):
         try:
@@ -368,6 +411,12 @@ def _hf_tensors(params: Mapping, cfg: ModelConfig, dtype) -> dict[str, np.ndarra
             raise ValueError(f"params have no {'/'.join(entry.path)} (needed for {entry.hf_key})") from None
         if entry.linear and isinstance(leaf, nf4.NF4):  # stays 4-bit, in bitsandbytes' format
             tensors.update(bnb_format.node_tensors(jax.device_get(leaf), entry.hf_key))
+            continue
+        if entry.linear and ct_format.writable(leaf):  # stays quantized, same codes
+            if tuple(leaf.shape) != entry.shape:
+                raise ValueError(f"param {'/'.join(entry.path)} has shape {tuple(leaf.shape)}, "
+                                 f"but the config expects {entry.shape}")
+            tensors.update(ct_format.node_tensors(jax.device_get(leaf), entry.hf_key))
             continue
         value = np.asarray(jax.device_get(ops.materialize(leaf)), dtype=np.float32)
         if value.shape != entry.shape:
@@ -398,6 +447,25 @@ def _remove_old_weights(folder: str) -> None:
             os.remove(os.path.join(folder, name))
 
 
+def _quantization_config(params: Mapping, cfg: ModelConfig) -> dict:
+    """`{"quantization_config": ...}` for the nodes `_hf_tensors` keeps quantized (a LoRA over
+    one is merged to float), or {} when none is; one folder holds one format."""
+    linear = {e.hf_key.removesuffix(".weight"): _get(params, e.path)
+              for e in hf_layout(cfg) if e.linear}
+    four_bit = [leaf for leaf in linear.values() if isinstance(leaf, nf4.NF4)]
+    integer = {name: leaf if ct_format.writable(leaf) else None for name, leaf in linear.items()}
+    quantized = any(node is not None for node in integer.values())
+    if four_bit and quantized:
+        raise ValueError("params mix NF4 and int8/int4/fp8 nodes; a Hugging Face folder holds "
+                         "one quantization format (bitsandbytes or compressed-tensors): "
+                         "quantize every projection the same way, or materialize one kind")
+    if four_bit:
+        return {"quantization_config": bnb_format.quantization_config(four_bit)}
+    if quantized:
+        return {"quantization_config": ct_format.quantization_config(integer)}
+    return {}
+
+
 def save_params(params: Mapping, cfg: ModelConfig, folder: str, dtype: str = "float32",
                 max_shard_bytes: int = 2 * 10**9, extra_config: Mapping[str, Any] | None = None) -> None:
     """Write `params` as a Hugging Face folder (`config.json` + safetensors) transformers loads.
@@ -411,13 +479,10 @@ def save_params(params: Mapping, cfg: ModelConfig, folder: str, dtype: str = "fl
     if dtype not in _SAVE_DTYPES:
         raise ValueError(f"dtype must be one of {sorted(_SAVE_DTYPES)}, got {dtype!r}")
     tensors = _hf_tensors(params, cfg, _SAVE_DTYPES[dtype])
+    config = {**config_to_hf(cfg, dtype), **(extra_config or {}),
+              **_quantization_config(params, cfg)}
     os.makedirs(folder, exist_ok=True)
     _remove_old_weights(folder)
-    config = {**config_to_hf(cfg, dtype), **(extra_config or {})}
-    four_bit = [leaf for leaf in (_get(params, e.path) for e in hf_layout(cfg) if e.linear)
-                if isinstance(leaf, nf4.NF4)]  # kept 4-bit (a LoRA over one is merged to float)
-    if four_bit:
-        config["quantization_config"] = bnb_format.quantization_config(four_bit)
     with open(os.path.join(folder, CONFIG_FILE), "w", encoding="utf-8") as f:
         json.dump(config, f, indent=2)
     shards = _shards(tensors, max_shard_bytes)

@@ -4,10 +4,15 @@
 boolean mask (beside the weight, frozen) keeps the weights the criterion chose: `magnitude`
 (per layer), `global` (one threshold over all targets), `random` (the baseline), or from
 calibration text `wanda` and `sparsegpt` (which also updates the kept weights), each optionally
-with N:M structure along the input dimension (`prune.structure="2:4"`). The pruned entries of the
-weight are set to zero and the forward pass multiplies by the mask, so they stay exactly zero
-through any optimizer (a zero gradient and zero value give Adam nothing to move; weight decay of
-zero is zero). `report` gives the sparsity per layer and overall.
+with N:M structure along the input dimension (`prune.structure="2:4"`) or, for magnitude and
+random, the same fraction in every output row (`prune.structure="row"`, Wanda's comparison
+group). The pruned entries of the weight are set to zero and the forward pass multiplies by the
+mask, so the effective weights stay exactly zero through any optimizer: the mask is applied in the forward pass, so a pruned
+entry takes no gradient, and whatever the stored entry does (Adam's leftover moments after a
+gradual mask update) never reaches the model. `report` gives the sparsity per layer and overall.
+
+Gradual pruning (`prune.end_step` > 0) starts from masks at `prune.initial_sparsity` and the
+trainer calls `update_masks` on Zhu & Gupta's schedule (`ptjax.prune.schedule`).
 """
 
 from __future__ import annotations
@@ -22,7 +27,7 @@ import numpy as np
 from ptjax import ops
 from ptjax import tree as ptree
 from ptjax.nodes import WeightNode
-from ptjax.prune import masks, schedule  # noqa: F401  (schedule: the gradual-pruning steps)
+from ptjax.prune import masks, schedule
 
 DEFAULT_TARGETS = r"layers_\d+/(attn/(q|k|v|o)|mlp/(gate|up|down))/kernel$"
 CRITERIA = ("", "magnitude", "global", "random", "wanda", "sparsegpt")
@@ -48,8 +53,8 @@ class Masked(WeightNode):
 
 
 def parse_structure(structure: str) -> tuple[int, int] | None:
-    """"2:4" -> (2, 4); "" -> None (unstructured)."""
-    if not structure:
+    """"2:4" -> (2, 4); "" or "row" -> None (unstructured: over the layer, or per output row)."""
+    if structure in ("", "row"):
         return None
     match = re.fullmatch(r"(\d+):(\d+)", structure)
     if not match or not 0 < int(match.group(1)) < int(match.group(2)):
@@ -66,9 +71,48 @@ def check(prune_cfg) -> None:
     if structure and prune_cfg.method == "global":
         raise ValueError("prune.structure: N:M masks are chosen per group of M inputs, not by "
                          "one global threshold; use prune.method=magnitude")
+    if prune_cfg.structure == "row" and prune_cfg.method in ("global", "sparsegpt"):
+        raise ValueError(f"prune.structure: 'row' compares weights within each output; "
+                         f"prune.method={prune_cfg.method!r} does not (use magnitude or random)")
     if not structure:
         masks.keep_count(1, prune_cfg.sparsity)  # range check
+    if is_gradual(prune_cfg):
+        if prune_cfg.method in CALIBRATED or structure:
+            raise ValueError(f"prune.end_step: gradual pruning raises an unstructured sparsity "
+                             f"step by step; prune.method={prune_cfg.method!r}"
+                             f"{' with prune.structure' if structure else ''} prunes once "
+                             "(set prune.end_step=0)")
+        if not 0.0 <= prune_cfg.initial_sparsity <= prune_cfg.sparsity:
+            raise ValueError(f"prune.initial_sparsity: {prune_cfg.initial_sparsity} must lie in "
+                             f"[0, prune.sparsity={prune_cfg.sparsity}]")
+        gradual_sparsity(prune_cfg, 0)  # start < end, every > 0
     re.compile(prune_cfg.targets or DEFAULT_TARGETS)
+
+
+def is_gradual(prune_cfg) -> bool:
+    """Whether masks follow the Zhu & Gupta schedule during training (`prune.end_step` > 0)."""
+    return bool(prune_cfg.method) and prune_cfg.end_step > 0
+
+
+def gradual_sparsity(prune_cfg, step: int) -> float:
+    """The schedule's sparsity at `step` (`schedule.sparsity_at` with the config's settings)."""
+    return schedule.sparsity_at(step, start=prune_cfg.start_step, end=prune_cfg.end_step,
+                                every=prune_cfg.every, final=prune_cfg.sparsity,
+                                initial=prune_cfg.initial_sparsity)
+
+
+def is_mask_update(prune_cfg, step: int) -> bool:
+    """Whether a gradual run recomputes its masks after `step` steps."""
+    return is_gradual(prune_cfg) and schedule.is_update_step(
+        step, start=prune_cfg.start_step, end=prune_cfg.end_step, every=prune_cfg.every)
+
+
+def update_masks(params, prune_cfg, step: int):
+    """Gradual pruning's mask update after `step` steps: masks chosen again by the criterion from
+    the current effective weights, at the schedule's sparsity. Scores come from the masked weight,
+    so a pruned entry (zero) is never chosen back while the sparsity only rises."""
+    return with_masks(params, choose_masks(targets(params, prune_cfg), prune_cfg,
+                                           gradual_sparsity(prune_cfg, step)))
 
 
 def targets(params, prune_cfg) -> dict[str, np.ndarray]:
@@ -95,8 +139,12 @@ def choose_masks(weights: dict[str, np.ndarray], prune_cfg,
     for i, (p, w) in enumerate(weights.items()):
         s = (masks.random_scores(w.shape, prune_cfg.seed + i) if prune_cfg.method == "random"
              else np.abs(w))
-        out[p] = masks.n_of_m(s, *structure) if structure else masks.top_k_mask(
-            s, masks.keep_count(w.size, sparsity))
+        if structure:
+            out[p] = masks.n_of_m(s, *structure)
+        elif prune_cfg.structure == "row":
+            out[p] = masks.per_output(s, sparsity)
+        else:
+            out[p] = masks.top_k_mask(s, masks.keep_count(w.size, sparsity))
     return out
 
 
@@ -117,7 +165,9 @@ def with_masks(params, chosen: dict[str, np.ndarray]):
 
 
 def apply(params, prune_cfg, model_cfg=None, calibration_tokens=None):
-    """One-shot pruning of `params` by `prune_cfg` (unchanged when `prune.method` is empty).
+    """One-shot pruning of `params` by `prune_cfg` (unchanged when `prune.method` is empty); for
+    a gradual schedule, the masks of step 0 (`prune.initial_sparsity`), which the trainer then
+    updates (`update_masks`).
 
     Calibrated criteria (`wanda`) also need the model config and `calibration_tokens`
     [rows, seq] of representative text (see `calibration_rows`).
@@ -130,6 +180,8 @@ def apply(params, prune_cfg, model_cfg=None, calibration_tokens=None):
             raise ValueError(f"prune.method={prune_cfg.method!r} needs calibration tokens and the "
                              "model config")
         return calibrated(params, model_cfg, prune_cfg, calibration_tokens)
+    if is_gradual(prune_cfg):  # the masks exist from the start; the trainer updates them
+        return update_masks(params, prune_cfg, 0)
     weights = targets(params, prune_cfg)
     return with_masks(params, choose_masks(weights, prune_cfg))
 

@@ -4,8 +4,9 @@
 `Quantized` (int8, int4, fp8: real storage, weight-only post-training quantization), `NF4`
 (nf4, fp4: bitsandbytes' 4-bit layout, double-quantized absmax by default) or, with `quant.qat`,
 `FakeQuant` (trainable float weights seen through the int8/int4/fp8 rounding). Nodes compose with
-PEFT: LoRA injected afterwards wraps the quantized node, which is QLoRA for nf4. `convert` turns
-QAT nodes into real storage after training.
+PEFT: LoRA injected afterwards wraps the quantized node, which is QLoRA for nf4. A pruned kernel
+(`prune.Masked`) keeps its mask and gets its weight quantized; every format maps the pruned zeros
+to exactly zero. `convert` turns QAT nodes into real storage after training.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import re
 import jax
 
 from ptjax import tree as ptree
+from ptjax.prune import Masked
 from ptjax.quant import fake, intq, nf4
 
 DEFAULT_TARGETS = r"layers_\d+/(attn/(q|k|v|o)|mlp/(gate|up|down))/kernel$"
@@ -67,7 +69,12 @@ def apply(params, quant_cfg):
     hits = []
 
     def visit(path, w):
-        if regex.search(path) and not ptree.is_weight_node(w) and getattr(w, "ndim", 0) == 2:
+        if not regex.search(path):
+            return w
+        if isinstance(w, Masked) and not ptree.is_weight_node(w.base):  # pruned, then quantized
+            hits.append(path)
+            return w.replace(base=_node(w.base, quant_cfg))
+        if not ptree.is_weight_node(w) and getattr(w, "ndim", 0) == 2:
             hits.append(path)
             return _node(w, quant_cfg)
         return w

@@ -192,6 +192,17 @@ class Quantized(WeightNode):
 
 @functools.partial(jax.checkpoint, static_argnums=(2,))
 def _dequantized_matmul(node: Quantized, x, dtype):
+    """`x W`, dequantizing W after x exists (so never once for a whole decode loop).
+
+    Why the barrier: the weight is loop-invariant in a sampling `while_loop`, so XLA hoists its
+    dequantization out of the loop and every step then reads a float32 copy of every weight
+    (4x int8 in memory, more bytes per step). Tying the codes to this call's input makes the
+    dequantization loop-variant: each step dequantizes one layer at a time into a small buffer
+    that stays in cache, which decoded llama-56m 1.2-1.5x faster than the hoisted copies and
+    kept the program's temp memory at one layer. The values are unchanged; `jax.checkpoint`
+    only matters under differentiation (the backward pass dequantizes again).
+    """
+    node, _ = jax.lax.optimization_barrier((node, x))
     return ops.dense(x, node.dequantize(dtype), dtype)
 
 

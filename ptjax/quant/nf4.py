@@ -188,6 +188,16 @@ class NF4(WeightNode):
 
 @functools.partial(jax.checkpoint, static_argnums=(2,))
 def _dequantized_matmul(node: NF4, x, dtype):
+    """`x W` from the [out, in] dequantized weight, dequantizing after x exists.
+
+    Why the barrier: see `intq._dequantized_matmul`; without it a sampling loop hoists the
+    dequantization and holds a float32 copy of every weight (8x NF4) for the whole generation.
+    Why [out, in]: it is the codes' own order, and both operands then contract their last
+    dimension; producing [in, out] instead costs a transpose that was 2-4x slower per step
+    than the whole dequantize-and-dot on this CPU (measured: transposed levels, or transposed
+    dequantized weights, in place of `dense_t`).
+    """
+    node, _ = jax.lax.optimization_barrier((node, x))
     return ops.dense_t(x, node.dequantize_transposed(dtype), dtype)
 
 

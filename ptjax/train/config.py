@@ -70,10 +70,17 @@ def base_config() -> ml_collections.ConfigDict:
     c.prune = ml_collections.ConfigDict()
     c.prune.method = ""  # "", magnitude (per layer), global, random; wanda, sparsegpt (calibrated)
     c.prune.sparsity = 0.5  # fraction of each targeted weight set to zero (unstructured)
-    c.prune.structure = ""  # "2:4": N:M along the input dimension instead of `sparsity`
+    c.prune.structure = ""  # "2:4": N:M along the input dim; "row": `sparsity` in every output
     c.prune.targets = ""  # regex of kernels ("" = every attention and MLP projection)
     c.prune.seed = 0  # prune.method=random
     c.prune.calibration_rows = 64  # wanda/sparsegpt: rows of train.seq_len tokens of train data
+    # Gradual pruning while training (Zhu & Gupta): with end_step > 0, masks are recomputed every
+    # `every` steps from start_step to end_step, sparsity rising from initial_sparsity to
+    # `sparsity` along a cubic; end_step = 0 prunes once, before the first step.
+    c.prune.start_step = 0
+    c.prune.end_step = 0
+    c.prune.every = 10
+    c.prune.initial_sparsity = 0.0
     # Parameter-efficient fine-tuning (ptjax.peft); `method` picks one, the rest are its knobs.
     c.peft = ml_collections.ConfigDict()
     c.peft.method = "full"  # full, lora, dora, ia3, adapter, prompt, ptuning, prefix

@@ -66,6 +66,29 @@ def jit_train_step(cfg: ModelConfig, tx, grad_accum: int, state_shardings, batch
                    donate_argnums=0)
 
 
+def saved_part(state, keep_masks: bool):
+    """What a checkpoint holds of `state` (a TrainState of arrays or of shardings).
+
+    Frozen weights are not checkpointed: they come from the base every time, so an adapter run's
+    checkpoints hold only adapters and optimizer state. The exception is the pruning masks of a
+    gradual schedule (`keep_masks`), which change during training and cannot be derived again.
+    """
+    if not keep_masks:
+        return state.replace(frozen=None)
+    return state.replace(frozen=ptree.map_with_path(
+        lambda p, v: v if p.endswith("/mask") else None, state.frozen))
+
+
+def update_masks(state, prune_cfg, step: int, trainable_mask, state_shardings):
+    """Gradual pruning after `step` steps: masks recomputed on the host from the current weights
+    (`prune.update_masks`), pruned entries zeroed, and both halves put back with their
+    shardings. Runs only every `prune.every` steps, so the host round trip is rare."""
+    params = prune.update_masks(jax.device_get(state.params), prune_cfg, step)
+    trainable, frozen = ptree.split(params, trainable_mask)
+    return state.replace(trainable=jax.device_put(trainable, state_shardings.trainable),
+                         frozen=jax.device_put(frozen, state_shardings.frozen))
+
+
 @dataclasses.dataclass
 class Result:
     """What a finished (or already complete) run hands back to its caller."""
@@ -142,14 +165,13 @@ def train(config, workdir: str, train_examples, eval_examples=(), init_params=No
 
     mngr = checkpoint.manager(workdir, keep=config.checkpoint.keep,
                               async_save=config.checkpoint.async_save)
-    # Frozen weights are not checkpointed: they come from the base every time, so an adapter
-    # run's checkpoints hold only adapters and optimizer state.
+    gradual = prune.is_gradual(config.prune)
     restored = checkpoint.restore_latest(mngr, checkpoint.abstract_like(
-        state.replace(frozen=None), state_shardings.replace(frozen=None)))
+        saved_part(state, gradual), saved_part(state_shardings, gradual)))
     start = 0
     if restored is not None:
         start, saved, data_state = restored
-        state = saved.replace(frozen=state.frozen)
+        state = saved.replace(frozen=ptree.merge(saved.frozen, state.frozen))
         data.restore(data_state)
     log = metrics_lib.MetricsLog(workdir, resume_step=start)
     schedule = optim.learning_rate_schedule(config.optim, tc.steps)
@@ -165,6 +187,9 @@ def train(config, workdir: str, train_examples, eval_examples=(), init_params=No
             state, step_metrics = step_fn(state, batch, jax.random.fold_in(step_keys, step))
             window_steps += 1
             done = step + 1
+            if prune.is_mask_update(config.prune, done):
+                state = update_masks(state, config.prune, done, trainable_mask, state_shardings)
+                log.write(done, {"prune/sparsity": prune.report(state.params)["overall"]})
             if step == start:  # keep compilation out of the throughput figure
                 jax.block_until_ready(step_metrics)
                 window_start, window_steps = time.perf_counter(), 0
@@ -185,7 +210,7 @@ def train(config, workdir: str, train_examples, eval_examples=(), init_params=No
                 log.write(done, row)
                 last_metrics.update(row)
             if done % config.checkpoint.every == 0 or done == tc.steps:
-                checkpoint.save(mngr, done, state.replace(frozen=None), data.state())
+                checkpoint.save(mngr, done, saved_part(state, gradual), data.state())
         bar.close()
     mngr.wait_until_finished()
     mngr.close()
