@@ -272,6 +272,37 @@ def test_qlora_gradient_reaches_only_the_adapters_and_codes_keep_their_dtypes():
                                llama.forward(new.params, CFG, TOKENS), rtol=1e-4, atol=1e-4)
 
 
+def _step_temp_bytes(cfg, method: str, batch: int, seq: int) -> int:
+    """Scratch memory XLA plans for one bf16 train step of `method` (lora, or qlora: LoRA on
+    NF4)."""
+    from ptjax import bench
+
+    params, trainable = bench.method_params(cfg, method, bench.host_init(cfg))
+    mask = ptree.trainable_mask(params, trainable)
+    tx = optax.adamw(1e-4)
+    state = state_lib.create(params, mask, tx, seed=0, frozen_matmul_dtype=cfg.compute_dtype)
+    step = jax.jit(functools.partial(sft.train_step, model_cfg=cfg, tx=tx), donate_argnums=0)
+    compiled = step.lower(state, random_batch(batch, seq, cfg.vocab_size), None).compile()
+    return compiled.memory_analysis().temp_size_in_bytes
+
+
+def test_qlora_step_dequantizes_one_layer_at_a_time_in_the_backward_pass():
+    """QLoRA's point is memory: the backward pass must dequantize each layer's weight when that
+    layer's output gradient arrives, not all of them up front (the inputs of every backward
+    dequantization exist from the start, so XLA is free to hoist them all to the top of the
+    backward pass, where they all stay live at the peak). With activations far smaller than the
+    weights, the step's scratch memory must stay within one layer's dequantized weights of bf16
+    LoRA's, not grow by every layer's."""
+    from ptjax.models.config import ModelConfig
+
+    cfg = ModelConfig(vocab_size=256, hidden=256, mlp=1024, layers=6, heads=4, kv_heads=2,
+                      head_dim=64, dtype="bfloat16")
+    layer_bf16 = 2 * (256 * 256 * 2 + 256 * 128 * 2 + 3 * 256 * 1024)
+    lora = _step_temp_bytes(cfg, "lora", 1, 32)
+    qlora = _step_temp_bytes(cfg, "qlora", 1, 32)
+    assert qlora - lora < 1.5 * layer_bf16, (qlora, lora, layer_bf16)
+
+
 # ----------------------------------------------------------------------------- bitsandbytes files
 
 

@@ -303,9 +303,7 @@ def logits_from_hidden(params: Params, cfg: ModelConfig, h):
     w, vocab_major = output_head(params, cfg)
     dtype = cfg.compute_dtype
     if vocab_major:
-        w = ops.materialize(w)
-        return jax.lax.dot_general(h.astype(dtype), w.astype(dtype),
-                                   (((h.ndim - 1,), (1,)), ((), ())), preferred_element_type=F32)
+        return ops.dense_vocab_major(h, ops.materialize(w), dtype)
     return ops.linear(h.astype(dtype), w, dtype).astype(F32)
 
 

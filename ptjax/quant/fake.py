@@ -20,7 +20,6 @@ from ptjax.nodes import WeightNode
 from ptjax.quant import intq
 
 
-
 def _inside(w, scale, zero, fmt, granularity, group_size, symmetric):
     """True where a value lies within the representable (clipping) range of its scale."""
     x = intq.scaled(w, scale, zero, granularity, group_size)

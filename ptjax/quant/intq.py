@@ -13,7 +13,6 @@ fraction of the absmax (values outside saturate), the usual trade of outliers fo
 
 from __future__ import annotations
 
-import functools
 
 import flax.struct
 import jax
@@ -177,10 +176,18 @@ class Quantized(WeightNode):
         return w.reshape(self.kernel_shape).astype(dtype)
 
     def linear(self, x, dtype, rng=None):
-        """`x W` with W dequantized here (again in the backward pass, never kept whole)."""
+        """`x W` with W dequantized inside the op (see `ops.frozen_linear`), never kept whole."""
         if self.act_fmt:
             x = quantize_activations(x, self.act_fmt)
-        return _dequantized_matmul(self, x, dtype)
+        return ops.frozen_linear(self, x, dtype)
+
+    def forward_matmul(self, x, dtype):
+        """x [m, in] times the weight dequantized in `dtype` (for `ops.frozen_linear`)."""
+        return ops.dot_nn(x, self.dequantize(dtype))
+
+    def input_gradient(self, dy, dtype):
+        """dy [m, out] times the transposed weight: both contract their last dimension."""
+        return ops.dot_nt(dy, self.dequantize(dtype))
 
     def materialize(self):
         return self.dequantize(F32).astype(self.dtype)
@@ -188,26 +195,6 @@ class Quantized(WeightNode):
     def part_axes(self, axes):
         return {"codes": (None, None, axes[1]), "scale": (None, None, axes[1]),
                 "zero": (None, None, axes[1])}
-
-
-@functools.partial(jax.checkpoint, static_argnums=(2,))
-def _dequantized_matmul(node: Quantized, x, dtype):
-    """`x W`, dequantizing W only once x exists (so never once for a whole decode loop).
-
-    Why the barrier: in a sampling `while_loop` the weight is loop-invariant, so XLA hoists its
-    dequantization out of the loop and carries a float32 copy of every weight through the
-    generation (4x int8's memory; the steps then read 4 bytes per weight). Passing the codes
-    and x through one `optimization_barrier`, and using the x that comes out, makes the
-    dequantization depend on the step: each step dequantizes one layer at a time into a buffer
-    that stays in cache. Measured on llama-56m (float32 compute, 2-core AVX2 CPU, interleaved
-    runs): 6.4 vs 7.5 ms per decode step at batch 1, 26.7 vs 33.4 at batch 16, and 94 MB less
-    temp memory. The x output
-    must be the one used: tying a slice of x, or discarding the barrier's x, let XLA drop the
-    dependency and hoist (the attention output projections) again. Values are unchanged;
-    `jax.checkpoint` only acts under differentiation (the backward pass dequantizes again).
-    """
-    node, x = jax.lax.optimization_barrier((node, x))
-    return ops.dense(x, node.dequantize(dtype), dtype)
 
 
 def quantize(kernel, fmt: str = "int8", granularity: str = "channel", group_size: int = 128,
