@@ -178,7 +178,7 @@ def test_train_step_donates_the_state_only(tmp_path):
     batch = trainer.to_device(batch, batch_sharding)
     rng = jax.random.key(1)
     with sharding.use(mesh, rules):
-        step = trainer.jit_train_step(cfg, tx, 1, shardings, batch_sharding, mesh)
+        step = trainer.jit_train_step(sft.train_step, cfg, tx, 1, shardings, batch_sharding, mesh)
         new, _ = step(state, batch, rng)
     assert all(x.is_deleted() for x in jax.tree.leaves(state.trainable))
     assert not any(x.is_deleted() for x in jax.tree.leaves(batch))

@@ -34,11 +34,29 @@ class ChatRecord:
 
 @dataclasses.dataclass(frozen=True)
 class PreferenceRecord:
-    """A prompt with a preferred and a dispreferred response (reward modelling, DPO)."""
+    """A prompt with a preferred and a dispreferred response (reward modelling, DPO).
 
-    prompt: str
-    chosen: str
-    rejected: str
+    Plain text (`prompt`, `chosen`, `rejected` strings), or chat form, where any of the three is
+    a tuple of `(role, content)` turns (TRL's conversational layout: the prompt's turns, and the
+    responses as assistant turns; a plain string there is one user or assistant turn).
+    """
+
+    prompt: str | tuple[tuple[str, str], ...]
+    chosen: str | tuple[tuple[str, str], ...]
+    rejected: str | tuple[tuple[str, str], ...]
+
+    @property
+    def is_chat(self) -> bool:
+        return not all(isinstance(x, str) for x in (self.prompt, self.chosen, self.rejected))
+
+    def as_sft(self, which: str) -> SFTRecord | ChatRecord:
+        """The prompt followed by the `which` ("chosen" or "rejected") response, as the SFT
+        record `encode_sft` lays out (so the response is exactly the loss-masked part)."""
+        response = getattr(self, which)
+        if not self.is_chat:
+            return SFTRecord(prompt=self.prompt, completion=response)
+        turns = lambda x, role: ((role, x),) if isinstance(x, str) else x  # noqa: E731
+        return ChatRecord(messages=turns(self.prompt, "user") + turns(response, "assistant"))
 
 
 def _type_name(value: Any) -> str:
@@ -144,8 +162,37 @@ def read_sft_jsonl(path: str | os.PathLike) -> list[SFTRecord | ChatRecord]:
     return [parse_sft_record(obj, path, line) for line, obj in _json_objects(path)]
 
 
+def _turns_or_text(obj: dict, key: str, path, line: int | None, assistant: bool):
+    """`obj[key]` as a string, or as validated `(role, content)` turns when it is a list."""
+    if key not in obj:
+        raise DataError(path, f"missing field '{key}'", line)
+    value = obj[key]
+    if isinstance(value, str):
+        return value
+    if not isinstance(value, list):
+        problem = f"field '{key}': expected a string or a list of messages, got {_type_name(value)}"
+        raise DataError(path, problem, line)
+    turns = []
+    for i, message in enumerate(value):
+        field = f"{key}[{i}]"
+        if not isinstance(message, dict):
+            problem = f"field '{field}': expected a JSON object, got {_type_name(message)}"
+            raise DataError(path, problem, line)
+        role = _string_field(message, "role", f"{field}.role", path, line)
+        if role not in CHAT_ROLES:
+            problem = f"field '{field}.role': unknown role {role!r} (allowed: {', '.join(CHAT_ROLES)})"
+            raise DataError(path, problem, line)
+        turns.append((role, _string_field(message, "content", f"{field}.content", path, line)))
+    if not turns:
+        raise DataError(path, f"field '{key}': empty list of messages", line)
+    if assistant and not any(role == "assistant" for role, _ in turns):
+        raise DataError(path, f"field '{key}': no assistant message (nothing to score)", line)
+    return tuple(turns)
+
+
 def read_preference_jsonl(path: str | os.PathLike) -> list[PreferenceRecord]:
-    """All records of a preference JSONL file with string fields `prompt`, `chosen`, `rejected`.
+    """All records of a preference JSONL file: `prompt`, `chosen`, `rejected`, each a string or
+    (chat form) a list of `{"role", "content"}` messages, the responses holding assistant turns.
 
     Validated up front like `read_sft_jsonl`; `chosen == rejected` is allowed (it carries no
     preference signal but is not malformed).
@@ -154,9 +201,9 @@ def read_preference_jsonl(path: str | os.PathLike) -> list[PreferenceRecord]:
     for line, obj in _json_objects(path):
         records.append(
             PreferenceRecord(
-                prompt=_string_field(obj, "prompt", "prompt", path, line),
-                chosen=_string_field(obj, "chosen", "chosen", path, line),
-                rejected=_string_field(obj, "rejected", "rejected", path, line),
+                prompt=_turns_or_text(obj, "prompt", path, line, assistant=False),
+                chosen=_turns_or_text(obj, "chosen", path, line, assistant=True),
+                rejected=_turns_or_text(obj, "rejected", path, line, assistant=True),
             )
         )
     return records

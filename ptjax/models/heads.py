@@ -30,12 +30,13 @@ def last_token_index(segment_ids):
     return jnp.maximum(real.shape[1] - 1 - jnp.argmax(real[:, ::-1], axis=1), 0)
 
 
-def head_outputs(params, cfg, tokens, segment_ids, *, name: str = "score_head"):
-    """[batch, outputs] head values at each row's last real token (one example per row)."""
+def head_outputs(params, cfg, tokens, segment_ids, *, name: str = "score_head", rng=None):
+    """[batch, outputs] head values at each row's last real token (one example per row);
+    `rng` (training only) feeds the body's dropout."""
     b, s = tokens.shape
     positions = jnp.maximum(jnp.cumsum(segment_ids > 0, axis=1) - 1, 0).astype(jnp.int32)
     h = llama.hidden_states(params, cfg, llama.embed_tokens(params, cfg, tokens), positions,
-                            segment_ids)
+                            segment_ids, rng=rng)
     last = h[jnp.arange(b), last_token_index(segment_ids)]
     head = params[name]
     return ops.linear(last, head["kernel"], F32) + head["bias"]

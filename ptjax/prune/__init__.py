@@ -212,10 +212,11 @@ def calibrated(params, model_cfg, prune_cfg, tokens):
     positions = jnp.broadcast_to(jnp.arange(tokens.shape[1], dtype=jnp.int32), tokens.shape)
     segments = jnp.ones_like(tokens)
     mask = llama.attention_mask(positions, segments, positions, segments)
+    rotary = llama.rotary_tables(model_cfg, positions)
     x = llama.embed_tokens(params, model_cfg, tokens)
     for i in range(model_cfg.layers):
         name = f"layers_{i}"
-        grams = calibration.input_grams(params[name], model_cfg, x, positions, mask, regex,
+        grams = calibration.input_grams(params[name], model_cfg, x, rotary, mask, regex,
                                            name)
         chosen, updated = {}, {}
         for path, (gram, count) in grams.items():
@@ -227,7 +228,7 @@ def calibrated(params, model_cfg, prune_cfg, tokens):
             chosen[path] = (masks.n_of_m(scores, *structure) if structure
                             else masks.per_output(scores, prune_cfg.sparsity))
         params = with_masks(_replace(params, updated), chosen)
-        x, _ = llama.decoder_layer(params[name], model_cfg, x, positions, mask)
+        x, _ = llama.decoder_layer(params[name], model_cfg, x, rotary, mask)
     return params
 
 

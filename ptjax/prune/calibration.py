@@ -56,9 +56,10 @@ class Recorder(WeightNode):
         return {"base": axes}
 
 
-def input_grams(layer_params, cfg, x, positions, mask, targets: re.Pattern, prefix: str):
+def input_grams(layer_params, cfg, x, rotary, mask, targets: re.Pattern, prefix: str):
     """{full path: (X^T X float64 [in, in], token count)} of every targeted kernel in one layer,
-    from one forward pass of the layer on its inputs `x` [b, s, hidden]."""
+    from one forward pass of the layer on its inputs `x` [b, s, hidden] (`rotary`: the tokens'
+    `llama.rotary_tables`)."""
     sums: dict = {}
 
     def wrap(path, w):
@@ -68,7 +69,7 @@ def input_grams(layer_params, cfg, x, positions, mask, targets: re.Pattern, pref
         return w
 
     recording = ptree.map_with_path(wrap, layer_params, nodes_as_leaves=True)
-    llama.decoder_layer(recording, cfg, x, positions, mask)
+    llama.decoder_layer(recording, cfg, x, rotary, mask)
     jax.effects_barrier()
     return dict(sums)
 

@@ -13,6 +13,7 @@ import json
 import math
 import os
 import time
+from typing import Any, Callable
 
 import jax
 from tqdm import tqdm
@@ -56,11 +57,12 @@ def to_device(batch: dict, sharding_: jax.sharding.Sharding) -> dict:
     return {k: jax.make_array_from_process_local_data(sharding_, v) for k, v in batch.items()}
 
 
-def jit_train_step(cfg: ModelConfig, tx, grad_accum: int, state_shardings, batch_sharding, mesh):
-    """`sft.train_step` jitted once for a run: explicit in/out shardings, and the incoming state
-    donated, so XLA writes the new params and optimizer state over the old ones (one copy in
-    memory, not two)."""
-    return jax.jit(functools.partial(sft.train_step, model_cfg=cfg, tx=tx, grad_accum=grad_accum),
+def jit_train_step(train_step, cfg: ModelConfig, tx, grad_accum: int, state_shardings,
+                   batch_sharding, mesh):
+    """An objective's train step jitted once for a run: explicit in/out shardings, and the
+    incoming state donated, so XLA writes the new params and optimizer state over the old ones
+    (one copy in memory, not two)."""
+    return jax.jit(functools.partial(train_step, model_cfg=cfg, tx=tx, grad_accum=grad_accum),
                    in_shardings=(state_shardings, batch_sharding, sharding.replicated(mesh)),
                    out_shardings=(state_shardings, sharding.replicated(mesh)),
                    donate_argnums=0)
@@ -100,25 +102,101 @@ class Result:
     optimizer_state_bytes: int = 0
 
 
-def evaluate(eval_fn, params, batches, batch_sharding) -> dict:
-    """Token-weighted loss, perplexity and next-token accuracy over all eval batches."""
-    nll = tokens = correct = 0.0
+@dataclasses.dataclass
+class Objective:
+    """What a run optimizes and how it is measured; `train` runs any of them the same way.
+
+    Why one record: SFT, reward modeling and DPO differ only in their data, their jitted steps
+    and what their evaluation reports; state creation on the mesh, quantization and PEFT,
+    checkpoints, resumption, logging and the progress bar are the trainer's, once.
+    `train_step(state, batch, rng, *, model_cfg, tx, grad_accum) -> (state, metrics)`;
+    `eval_step(params, batch, *, model_cfg) -> dict of sums` over a batch; `summarize(sums)` ->
+    `{"eval/...": value}`. `batches` is an endless host-batch iterator with `state()` and
+    `restore()`; `add_params(params, model_cfg, key)`, if set, adds parameters (a score head)
+    before quantization and PEFT, and `trainable` is a regex of paths that train besides the
+    PEFT method's.
+    """
+
+    train_step: Callable
+    eval_step: Callable
+    summarize: Callable
+    batches: Any
+    eval_batches: list
+    tokens_per_batch: int
+    add_params: Callable | None = None
+    trainable: str = ""
+
+
+def summarize_lm(sums) -> dict:
+    """Token-weighted loss, perplexity and next-token accuracy from `sft.eval_step` sums."""
+    tokens = max(float(sums["tokens"]), 1.0)
+    loss = float(sums["nll_sum"]) / tokens
+    return {"eval/loss": loss, "eval/perplexity": math.exp(min(loss, 50.0)),
+            "eval/accuracy": float(sums["correct"]) / tokens}
+
+
+def sft_objective(config, train_examples, eval_examples=()) -> Objective:
+    """Next-token loss on encoded `(ids, loss_mask)` examples, packed into rows (SFT and
+    pretraining), with the PEFT method's virtual-token slots inserted."""
+    tc = config.train
+    train_examples = [peft.add_virtual_slots(e, config.peft) for e in train_examples]
+    eval_examples = [peft.add_virtual_slots(e, config.peft) for e in eval_examples]
+    return Objective(
+        train_step=sft.train_step, eval_step=sft.eval_step, summarize=summarize_lm,
+        batches=PackedBatches(train_examples, tc.seq_len, tc.batch_size, seed=config.seed),
+        eval_batches=eval_batches(eval_examples, tc.seq_len, tc.batch_size)[:config.eval.max_batches],
+        tokens_per_batch=tc.batch_size * tc.seq_len)
+
+
+def evaluate(eval_fn, params, batches, batch_sharding, summarize=summarize_lm) -> dict:
+    """The objective's metrics over all eval batches (per-batch sums added, then summarized)."""
+    sums: dict = {}
     for b in batches:
         out = jax.device_get(eval_fn(params, to_device(b, batch_sharding)))
-        nll += float(out["nll_sum"])
-        tokens += float(out["tokens"])
-        correct += float(out["correct"])
-    loss = nll / max(tokens, 1.0)
-    return {"eval/loss": loss, "eval/perplexity": math.exp(min(loss, 50.0)),
-            "eval/accuracy": correct / max(tokens, 1.0)}
+        for k, v in out.items():
+            sums[k] = sums.get(k, 0.0) + float(v)
+    return summarize(sums)
 
 
-def train(config, workdir: str, train_examples, eval_examples=(), init_params=None,
+def initial_state(config, cfg: ModelConfig, mesh, rules, init_params=None, tokenizer=None,
+                  add_params=None, extra_trainable: str = "", calibration=None):
+    """(state, its shardings, trainable mask, optimizer) of a fresh run, laid out on the mesh.
+
+    The one place a run's parameters are built: `init_params` (random when None), then
+    `add_params` (a new head), pruning (`calibration` rows for Wanda/SparseGPT), quantization
+    and the PEFT method; `extra_trainable` paths train besides the method's. The state is
+    created directly with its shardings.
+    """
+    if init_params is None:
+        init_params = jax.jit(llama.init_params, static_argnums=0)(cfg, jax.random.key(config.seed))
+    if add_params is not None:
+        init_params = add_params(init_params, cfg, jax.random.fold_in(jax.random.key(config.seed), 3))
+    quant.check(config.quant, config.peft.method)
+    init_params = prune.apply(init_params, config.prune, cfg, calibration)
+    init_params = quant.apply(init_params, config.quant)
+    init_params, trainable = peft.apply(init_params, cfg, config.peft,
+                                        jax.random.fold_in(jax.random.key(config.seed), 1),
+                                        tokenizer or D.load_tokenizer(config.data.tokenizer))
+    if extra_trainable:
+        trainable = f"(?:{trainable})|(?:{extra_trainable})"
+    trainable_mask = ptree.trainable_mask(init_params, trainable)
+    tx = optim.make_optimizer(config.optim, ptree.split(init_params, trainable_mask)[0],
+                              config.train.steps)
+    create = functools.partial(state_lib.create, trainable_mask=trainable_mask, tx=tx,
+                               seed=config.seed, frozen_matmul_dtype=cfg.compute_dtype)
+    state_shardings = sharding.param_shardings(jax.eval_shape(create, init_params), mesh, rules)
+    state = jax.jit(create, out_shardings=state_shardings)(init_params)
+    return state, state_shardings, trainable_mask, tx
+
+
+def train(config, workdir: str, train_examples=None, eval_examples=(), init_params=None,
           show_progress: bool = True, model_cfg: ModelConfig | None = None,
-          tokenizer=None) -> Result:
-    """Train (or resume training) on encoded examples and return the final parameters.
+          tokenizer=None, objective: Objective | None = None) -> Result:
+    """Train (or resume training) and return the final parameters.
 
-    `train_examples`/`eval_examples` are lists of `(ids, loss_mask)` from `ptjax.data.encode_sft`.
+    `train_examples`/`eval_examples` are lists of `(ids, loss_mask)` from `ptjax.data.encode_sft`
+    for next-token training; another `objective` (reward modeling, DPO) brings its own data.
+    Calibrated pruning (Wanda, SparseGPT) draws its calibration rows from `train_examples`.
     `init_params` starts from given weights (e.g. a pretrained base) instead of random ones, and
     `model_cfg` is then their config (default: `model_config(config)`); `tokenizer` (default:
     `data.tokenizer`) is only used to initialize text-initialized soft prompts.
@@ -132,36 +210,25 @@ def train(config, workdir: str, train_examples, eval_examples=(), init_params=No
         raise ValueError(f"train.batch_size ({tc.batch_size}) must be divisible by "
                          f"train.grad_accum ({tc.grad_accum})")
 
-    # Parameters and the fresh state are created directly with their shardings.
-    if init_params is None:
-        init_params = jax.jit(llama.init_params, static_argnums=0)(cfg, jax.random.key(config.seed))
-    quant.check(config.quant, config.peft.method)
-    calibration = (prune.calibration_rows(train_examples, tc.seq_len,
-                                          config.prune.calibration_rows)
-                   if config.prune.method in prune.CALIBRATED else None)
-    init_params = prune.apply(init_params, config.prune, cfg, calibration)
-    init_params = quant.apply(init_params, config.quant)
-    init_params, trainable = peft.apply(init_params, cfg, config.peft,
-                                        jax.random.fold_in(jax.random.key(config.seed), 1),
-                                        tokenizer or D.load_tokenizer(config.data.tokenizer))
-    trainable_mask = ptree.trainable_mask(init_params, trainable)
-    tx = optim.make_optimizer(config.optim, ptree.split(init_params, trainable_mask)[0], tc.steps)
-    create = functools.partial(state_lib.create, trainable_mask=trainable_mask, tx=tx,
-                               seed=config.seed, frozen_matmul_dtype=cfg.compute_dtype)
-    abstract = jax.eval_shape(create, init_params)
-    state_shardings = sharding.param_shardings(abstract, mesh, rules)
-    state = jax.jit(create, out_shardings=state_shardings)(init_params)
+    objective = objective or sft_objective(config, train_examples, eval_examples)
+    calibration = None
+    if config.prune.method in prune.CALIBRATED:
+        if not train_examples:
+            raise ValueError(f"prune.method={config.prune.method!r} calibrates on encoded "
+                             "training examples, and this run has none")
+        calibration = prune.calibration_rows(train_examples, tc.seq_len,
+                                             config.prune.calibration_rows)
+    state, state_shardings, trainable_mask, tx = initial_state(
+        config, cfg, mesh, rules, init_params, tokenizer, objective.add_params,
+        objective.trainable, calibration)
     del init_params
 
-    batch_sharding = sharding.batch_sharding(mesh, rules)
+    batch_sharding = sharding.batch_sharding(mesh, rules, ndim=1)  # rows split, the rest whole
     with sharding.use(mesh, rules):
-        step_fn = jit_train_step(cfg, tx, tc.grad_accum, state_shardings, batch_sharding, mesh)
-        eval_fn = jax.jit(functools.partial(sft.eval_step, model_cfg=cfg))
-
-    train_examples = [peft.add_virtual_slots(e, config.peft) for e in train_examples]
-    eval_examples = [peft.add_virtual_slots(e, config.peft) for e in eval_examples]
-    data = PackedBatches(train_examples, tc.seq_len, tc.batch_size, seed=config.seed)
-    eval_data = eval_batches(eval_examples, tc.seq_len, tc.batch_size)[:config.eval.max_batches]
+        step_fn = jit_train_step(objective.train_step, cfg, tx, tc.grad_accum, state_shardings,
+                                 batch_sharding, mesh)
+        eval_fn = jax.jit(functools.partial(objective.eval_step, model_cfg=cfg))
+    data, eval_data = objective.batches, objective.eval_batches
 
     mngr = checkpoint.manager(workdir, keep=config.checkpoint.keep,
                               async_save=config.checkpoint.async_save)
@@ -199,14 +266,14 @@ def train(config, workdir: str, train_examples, eval_examples=(), init_params=No
                 row = {f"train/{k}": v for k, v in step_metrics.items()}
                 row["train/lr"] = float(schedule(step))
                 if window_steps:
-                    row["train/tokens_per_s"] = window_steps * tc.batch_size * tc.seq_len / elapsed
+                    row["train/tokens_per_s"] = window_steps * objective.tokens_per_batch / elapsed
                 log.write(done, row)
                 last_metrics.update(row)
                 bar.set_postfix(loss=f"{float(step_metrics['loss']):.4f}",
                                 tok_s=f"{row.get('train/tokens_per_s', 0):.0f}")
                 window_start, window_steps = time.perf_counter(), 0
             if eval_data and config.eval.every and (done % config.eval.every == 0 or done == tc.steps):
-                row = evaluate(eval_fn, state.params, eval_data, batch_sharding)
+                row = evaluate(eval_fn, state.params, eval_data, batch_sharding, objective.summarize)
                 log.write(done, row)
                 last_metrics.update(row)
             if done % config.checkpoint.every == 0 or done == tc.steps:
@@ -216,7 +283,8 @@ def train(config, workdir: str, train_examples, eval_examples=(), init_params=No
     mngr.close()
 
     if eval_data and "eval/loss" not in last_metrics:  # resumed a finished run: still report
-        last_metrics.update(evaluate(eval_fn, state.params, eval_data, batch_sharding))
+        last_metrics.update(evaluate(eval_fn, state.params, eval_data, batch_sharding,
+                                     objective.summarize))
     log.close()
     if jax.process_index() == 0:
         metrics_lib.plot_losses(workdir)

@@ -112,10 +112,16 @@ PREFERENCE_ERRORS = {
             '{"prompt": "p", "chosen": ["a"], "rejected": "b"}',
         ],
         2,
-        "field 'chosen': expected a string, got list",
+        "field 'chosen[0]': expected a JSON object, got str",
     ),
     "bad_json": (["", "{oops}"], 2, "invalid JSON ("),
     "empty_file": ([""], None, "file is empty (no records)"),
+    "number_response": (['{"prompt": "p", "chosen": 3, "rejected": "b"}'], 1,
+                        "field 'chosen': expected a string or a list of messages, got int"),
+    "bad_role": (['{"prompt": [{"role": "bot", "content": "x"}], "chosen": "a", "rejected": "b"}'],
+                 1, "field 'prompt[0].role': unknown role 'bot'"),
+    "no_assistant": (['{"prompt": "p", "chosen": [{"role": "user", "content": "a"}], '
+                      '"rejected": "b"}'], 1, "field 'chosen': no assistant message"),
 }
 
 
@@ -172,3 +178,19 @@ def test_preference_reader(tmp_path):
         PreferenceRecord("p", "a", "b"),
         PreferenceRecord("q", "same", "same"),
     ]
+
+
+def test_preference_reader_chat_form(tmp_path):
+    path = tmp_path / "prefs.jsonl"
+    write_jsonl(path, [{"prompt": [{"role": "system", "content": "be brief"},
+                                   {"role": "user", "content": "2+2?"}],
+                        "chosen": [{"role": "assistant", "content": "4"}],
+                        "rejected": "5"}])
+    (record,) = read_preference_jsonl(path)
+    assert record.is_chat
+    assert record.as_sft("chosen") == ChatRecord(
+        messages=(("system", "be brief"), ("user", "2+2?"), ("assistant", "4")))
+    assert record.as_sft("rejected") == ChatRecord(
+        messages=(("system", "be brief"), ("user", "2+2?"), ("assistant", "5")))
+    plain = PreferenceRecord("p", "a", "b")
+    assert not plain.is_chat and plain.as_sft("rejected") == SFTRecord("p", "b")

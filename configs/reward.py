@@ -1,0 +1,40 @@
+"""Reward model: a scalar head on the last real token, trained on preference pairs (Bradley-Terry).
+
+    python launch.py --config=configs/reward.py --workdir=runs/rm \
+        --config.model.init=runs/sft --config.data.train=prefs.jsonl
+    python launch.py --config=configs/reward.py:peft=lora --workdir=runs/rm_lora \
+        --config.model.init=runs/sft --config.data.train=prefs.jsonl --config.data.eval=held.jsonl
+
+`data.train` is JSONL with `prompt`, `chosen`, `rejected` (strings, or chat messages as in TRL's
+conversational format). Without `data.eval`, `reward.eval_fraction` of the pairs is held out.
+Reports held-out pairwise accuracy; WORKDIR/reward_model is the trained model (a Hugging Face
+folder plus `score_head.safetensors`), which `configs/ppo.py` reads as `ppo.reward_model`.
+`peft=NAME` and `quant=NAME` work as in `configs/sft.py` (the head always trains).
+"""
+
+import ml_collections
+
+from ptjax import peft
+from ptjax.train.config import base_config
+
+
+def get_config(arg=None):
+    options = dict(kv.split("=", 1) for kv in arg.split(",")) if arg else {}
+    unknown = set(options) - {"peft", "quant"}
+    if unknown:
+        raise ValueError(f"configs/reward.py: unknown option(s) {sorted(unknown)}; use peft=NAME "
+                         "and quant=NAME")
+    method = options.get("peft", "full")
+    if method not in peft.METHODS:
+        raise ValueError(f"configs/reward.py: peft={method!r} is not one of {tuple(peft.METHODS)}")
+    c = base_config()
+    c.trainer = "reward"
+    c.peft.method = method
+    c.optim.lr = peft.METHODS[method].default_lr / 2
+    c.quant.method = options.get("quant", "")
+    c.train.batch_size = 16
+    c.train.steps = 300
+    c.reward = ml_collections.ConfigDict()
+    c.reward.center_coef = 0.0  # weight of mean((r_chosen + r_rejected)^2): keeps rewards near 0
+    c.reward.eval_fraction = 0.1  # held out when data.eval is not given
+    return c

@@ -1,0 +1,112 @@
+"""Train a reward model from preference JSONL and export it for PPO.
+
+The body (full or PEFT, optionally on a quantized base) gets a scalar head read at the last real
+token; training minimizes the Bradley-Terry loss and reports held-out pairwise accuracy. The
+trained model is written to WORKDIR/reward_model: the merged body as a Hugging Face folder plus
+`score_head.safetensors` (kernel [hidden, 1] and bias), which `load_reward_model` reads back.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+
+import jax
+import numpy as np
+from safetensors.numpy import load_file, save_file
+
+from ptjax import data as D
+from ptjax import peft
+from ptjax.data import pairs as P
+from ptjax.models import heads
+from ptjax.recipes import sft
+from ptjax.train import reward, trainer
+
+HEAD_FILE = "score_head.safetensors"
+
+
+def reward_objective(config, train_pairs, eval_pairs) -> trainer.Objective:
+    """Bradley-Terry on preference pairs, a fresh score head trained beside the PEFT method."""
+    tc = config.train
+    return trainer.Objective(
+        train_step=functools.partial(reward.train_step, center_coef=config.reward.center_coef),
+        eval_step=reward.eval_step, summarize=reward.summarize,
+        batches=P.PairBatches(train_pairs, tc.seq_len, tc.batch_size, config.seed),
+        eval_batches=P.pair_eval_batches(eval_pairs, tc.seq_len, tc.batch_size)[
+            :config.eval.max_batches],
+        tokens_per_batch=2 * tc.batch_size * tc.seq_len,
+        add_params=lambda params, cfg, key: heads.add_head(params, cfg, key, name=reward.HEAD),
+        trainable=f"^{reward.HEAD}/")
+
+
+def split_pairs(pairs, fraction: float, seed: int):
+    """(train, held out): a seeded random `fraction` of the pairs held out for evaluation."""
+    order = np.random.default_rng(seed).permutation(len(pairs))
+    n_eval = max(1, int(round(fraction * len(pairs)))) if fraction > 0 else 0
+    return [pairs[i] for i in order[n_eval:]], [pairs[i] for i in order[:n_eval]]
+
+
+def save_reward_model(params, cfg, tokenizer, folder: str):
+    """The merged body as a Hugging Face folder and the head beside it (see module docstring)."""
+    from ptjax.interop import export
+
+    params = jax.device_get(params)
+    export.save_hf(params, cfg, tokenizer, folder)
+    head = params[reward.HEAD]
+    save_file({k: np.asarray(v, np.float32) for k, v in head.items()},
+              os.path.join(folder, HEAD_FILE))
+
+
+def load_reward_model(folder: str):
+    """(params with the score head, model config) of a saved reward model.
+
+    It scores the policy's token ids directly, so it must have been trained with the policy's
+    tokenizer (PPO checks the vocabulary sizes agree).
+    """
+    from ptjax.interop import hf
+
+    path = os.path.join(folder, HEAD_FILE)
+    if not os.path.exists(path):
+        raise ValueError(f"{folder}: not a reward model (no {HEAD_FILE}); train one with "
+                         "configs/reward.py")
+    cfg = hf.config_from_hf(folder)
+    params = {**hf.load_params(folder, cfg), reward.HEAD: dict(load_file(path))}
+    return params, cfg
+
+
+def run(config, workdir: str, train_pairs=None, eval_pairs=None, init_params=None,
+        model_cfg=None, tokenizer=None) -> trainer.Result:
+    """Read `data.train` (and `data.eval`, else hold out `reward.eval_fraction`), train, export.
+
+    Callers holding pairs in memory (the demo) pass encoded `train_pairs`/`eval_pairs` and the
+    body they start from instead.
+    """
+    if init_params is None:
+        model_cfg, init_params, tokenizer, _ = sft.load_base(config)
+    seq_len = config.train.seq_len
+    if train_pairs is None:
+        if not config.data.train:
+            raise ValueError("data.train: a reward model needs a preference JSONL file "
+                             "(prompt, chosen, rejected)")
+        pairs = [P.encode_pair(r, tokenizer, seq_len) for r in D.read_preference_jsonl(config.data.train)]
+        if config.data.eval:
+            train_pairs = pairs
+            eval_pairs = [P.encode_pair(r, tokenizer, seq_len)
+                          for r in D.read_preference_jsonl(config.data.eval)]
+        else:
+            train_pairs, eval_pairs = split_pairs(pairs, config.reward.eval_fraction, config.seed)
+    result = trainer.train(config, workdir, init_params=init_params, model_cfg=model_cfg,
+                           tokenizer=tokenizer,
+                           objective=reward_objective(config, train_pairs, eval_pairs or []))
+    if jax.process_index() == 0:
+        save_reward_model(peft.finalize(result.params, config.peft), result.model_cfg, tokenizer,
+                          os.path.join(workdir, "reward_model"))
+    summary_path = os.path.join(workdir, "summary.json")
+    summary = trainer.read_summary(summary_path)
+    summary.setdefault("stages", {})["reward_model"] = {
+        "pairs": len(train_pairs), "held_out_pairs": len(eval_pairs or []),
+        "trainable_params": result.trainable_params,
+        **{k.replace("eval/", ""): float(v) for k, v in result.metrics.items()
+           if k.startswith("eval/")}}
+    trainer.write_summary(summary_path, summary)
+    return result

@@ -1,0 +1,91 @@
+"""PPO with a KL penalty for language models (InstructGPT's RL step), as jitted pure functions.
+
+One iteration: sample responses to a batch of prompts (`ptjax.sampling`), score them (reward
+model or Python function, outside this module), then `rollout_statistics` computes the rollout
+policy's and the reference's log-probs and the values, `advantages` turns score and per-token
+KL into whitened GAE advantages, and `update_step` takes clipped policy and value steps over
+minibatches for several epochs. Conventions and defaults in ../shared/REFERENCE.md.
+
+Arrays are over whole rows (prompt then response, [b, T]) and aligned with the tokens: entry t
+belongs to token t, `response` marks the response tokens (EOS included). The value of token t
+is read from the hidden state before it (where its log-prob comes from), so V_t estimates the
+return from emitting token t on. The value head is a scalar head `value_head` on the policy's
+body (shared body): one forward gives log-probs and values.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from ptjax import ops
+from ptjax.models import llama
+from ptjax.train import policy as policy_lib
+from ptjax.train import rl_math
+from ptjax.train.steps import mean_loss_update
+
+F32 = jnp.float32
+VALUE_HEAD = "value_head"
+
+
+def logprobs_and_values(params, cfg, tokens, mask, temperature: float, rng=None):
+    """(log-probs [b, T], entropy [b, T], values [b, T]) from one forward of the policy body."""
+    mask = mask.astype(jnp.int32)
+    positions = jnp.maximum(jnp.cumsum(mask, axis=-1) - 1, 0).astype(jnp.int32)
+    h = llama.hidden_states(params, cfg, llama.embed_tokens(params, cfg, jnp.maximum(tokens, 0)),
+                            positions, mask, rng=rng)
+    logits = llama.logits_from_hidden(params, cfg, h[:, :-1])
+    logp = rl_math.logprobs_from_logits(logits, tokens[:, 1:], temperature)
+    entropy = rl_math.entropy_from_logits(logits.astype(F32) / temperature)
+    head = params[VALUE_HEAD]
+    values = (ops.linear(h[:, :-1], head["kernel"], F32) + head["bias"])[..., 0]
+    pad = lambda x: jnp.pad(x, ((0, 0), (1, 0)))  # noqa: E731
+    return pad(logp), pad(entropy), pad(values)
+
+
+def reference_of(params, reference):
+    """The reference policy's params: the given frozen copy, or (None) the policy itself with
+    its adapters switched off (`policy.adapters_off`: the same base arrays, no second copy)."""
+    return policy_lib.adapters_off(params) if reference is None else reference
+
+
+def rollout_statistics(params, reference, batch, *, model_cfg, temperature: float):
+    """Rollout-time log-probs, reference log-probs and values of `batch` (`tokens`, `mask`),
+    computed once per iteration and held fixed through its epochs (no gradient)."""
+    logp, _, values = logprobs_and_values(params, model_cfg, batch["tokens"], batch["mask"],
+                                          temperature)
+    ref_logp = policy_lib.token_logprobs(reference_of(params, reference), model_cfg,
+                                         batch["tokens"], batch["mask"], temperature=temperature)
+    return {"old_logp": logp, "ref_logp": ref_logp, "old_values": values}
+
+
+def advantages(stats, score, response, *, beta, kl_kind: str, gamma: float, lam: float):
+    """Per-token rewards (`-beta * kl_t`, score at the last response token), GAE advantages
+    (whitened over response tokens) and returns; also the per-sequence KL summed over tokens."""
+    kl = rl_math.kl_estimate(stats["old_logp"], stats["ref_logp"], kl_kind, response)
+    rewards = rl_math.per_token_rewards(score, kl, beta, response)
+    adv, returns = rl_math.gae(rewards, stats["old_values"], response, gamma, lam)
+    return {"advantages": rl_math.masked_whiten(adv, response), "returns": returns,
+            "kl": jnp.sum(kl, axis=-1), "rewards": rewards}
+
+
+def update_step(state, batch, rng, *, model_cfg, tx, grad_accum: int = 1, temperature: float,
+                clip_eps: float, clip_eps_value: float, value_coef: float,
+                entropy_coef: float = 0.0):
+    """One PPO optimizer step on a minibatch holding `tokens`, `mask`, `response`, `old_logp`,
+    `old_values`, `advantages` and `returns`: clipped surrogate + value_coef * clipped value loss
+    - entropy_coef * entropy. Metrics: the losses, clip fractions, approximate KL, entropy."""
+    def loss_fn(params, mb, key):
+        logp, entropy, values = logprobs_and_values(params, model_cfg, mb["tokens"], mb["mask"],
+                                                    temperature, key)
+        response = mb["response"]
+        pg_loss, pg_stats = rl_math.ppo_policy_loss(logp, mb["old_logp"], mb["advantages"],
+                                                    response, clip_eps)
+        vf_loss, vf_stats = rl_math.ppo_value_loss(values, mb["old_values"], mb["returns"],
+                                                   response, clip_eps_value)
+        mean_entropy = rl_math.masked_mean(entropy, response)
+        loss = pg_loss + value_coef * vf_loss - entropy_coef * mean_entropy
+        return loss, {"policy_loss": pg_loss, "value_loss": vf_loss, "entropy": mean_entropy,
+                      **pg_stats, **vf_stats}
+
+    return mean_loss_update(state, batch, rng, loss_fn, tx, grad_accum)
