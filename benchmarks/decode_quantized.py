@@ -17,13 +17,15 @@ storage should then be no slower than bf16. Each case is (format, compute dtype,
 - compute dtypes: bfloat16 and float32 (on an AVX2-only CPU bf16 dots are emulated, so float32
   compute over bf16 / quantized storage can be faster; report each format's fastest).
 
-Timing runs the library's jitted sampler (`ptjax.sampling.make_generate_fn`, temperature 0, no
-stop id, so every step runs): T(n) for n = `--new_tokens` and T(1) (prefill + one step), medians
-of `--runs` calls after two warm-up calls, compile excluded; decode seconds per step are
-(T(n) - T(1)) / (n - 1), and decode tokens/s = batch / that. Bytes per step count every param
-leaf a decode step reads (codes, scales and absmax of quantized nodes; norms; the head), except
-the input embedding table, of which only the `batch` looked-up rows are read (a tied table is
-read whole by the head). The KV cache read is reported apart (`kv_bytes`, at the mean length).
+Timing is `ptjax.bench.time_generation`, shared with `python -m ptjax.bench --method=generate`:
+the library's jitted sampler (`ptjax.sampling.make_generate_fn`, temperature 0, no stop id, so
+every step runs) for n = `--new_tokens`, and its prefill as a program of its own, medians of
+`--runs` calls after two warm-up calls, compile excluded; decode seconds per step are
+(T(generate) - T(prefill)) / n, and decode tokens/s = batch / that. Bytes per step
+(`bench.decode_step_bytes`) count every param leaf a decode step reads (codes, scales and absmax
+of quantized nodes; norms; the head), except the input embedding table, of which only the
+`batch` looked-up rows are read (a tied table is read whole by the head). The KV cache read is
+reported apart (`kv_bytes`, at the mean fill, `bench.mean_cache_fill`).
 
 Agreement: positionwise fraction of generated tokens equal to the f32 reference's (`agree_f32`)
 and to bf16/bfloat16's (`agree_bf16`), and the mean common-prefix length as a fraction of n
@@ -44,31 +46,18 @@ runtime.reexec_with_fast_allocator()  # must happen before JAX starts
 import argparse  # noqa: E402
 import dataclasses  # noqa: E402
 import json  # noqa: E402
-import platform  # noqa: E402
-import subprocess  # noqa: E402
-import time  # noqa: E402
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-from ptjax import bench, quant, sampling  # noqa: E402
-from ptjax import tree as ptree  # noqa: E402
+from ptjax import bench, quant  # noqa: E402
+from ptjax.bench import cast_floats, cpu_flags, decode_step_bytes  # noqa: E402
 from ptjax.models.config import preset  # noqa: E402
 from ptjax.train.config import base_config  # noqa: E402
 
 FORMATS = ("f32", "bf16", "int8", "nf4")
 DTYPES = ("bfloat16", "float32")
-
-
-def cast_floats(params, dtype):
-    """Every float leaf outside weight nodes in `dtype` (quantized nodes keep their parts)."""
-    def visit(_, x):
-        if ptree.is_weight_node(x) or not jnp.issubdtype(x.dtype, jnp.floating):
-            return x
-        return x.astype(dtype)
-
-    return ptree.map_with_path(visit, params, nodes_as_leaves=True)
 
 
 def format_params(params32, fmt: str, rest_dtype: str):
@@ -80,18 +69,6 @@ def format_params(params32, fmt: str, rest_dtype: str):
     c = base_config().quant
     c.method = fmt
     return cast_floats(quant.apply(params32, c), jnp.dtype(rest_dtype))
-
-
-def decode_step_bytes(params, cfg, batch: int) -> int:
-    """Weight bytes one decode step reads: every leaf, but only `batch` rows of an untied input
-    embedding table (the lookup reads nothing else)."""
-    total = 0
-    for path, x in ptree.flatten_with_paths(params):
-        n = int(np.prod(np.shape(x))) * np.dtype(x.dtype).itemsize
-        if path.startswith("embed/") and not cfg.tie_embeddings:
-            n = batch * cfg.hidden * np.dtype(x.dtype).itemsize
-        total += n
-    return total
 
 
 def prompts_for(args, cfg, tokenizer):
@@ -109,20 +86,6 @@ def prompts_for(args, cfg, tokenizer):
     return np.stack([ids[i * stride:i * stride + args.prompt_len] for i in range(rows)])
 
 
-def timed(fn, params, tokens, mask, runs: int):
-    """(median seconds, last output) of `runs` calls after two discarded warm-up calls (the
-    first calls into XLA's matmul library are slow)."""
-    key = jax.random.key(0)
-    for _ in range(2):
-        out = jax.block_until_ready(fn(params, tokens, mask, key))
-    times = []
-    for _ in range(runs):
-        t = time.perf_counter()
-        out = jax.block_until_ready(fn(params, tokens, mask, key))
-        times.append(time.perf_counter() - t)
-    return float(np.median(times)), out
-
-
 def agreement(tokens, reference):
     """(positionwise match fraction, mean common-prefix fraction) of two [b, n] token arrays."""
     if reference is None:
@@ -138,30 +101,22 @@ def run_case(params, cfg, fmt, dtype, batch, prompts, args, references):
     n = args.new_tokens
     tokens = jnp.asarray(prompts[:batch])
     mask = jnp.ones(tokens.shape, bool)
-    key = jax.random.key(0)
-    t = time.perf_counter()
-    full = sampling.make_generate_fn(cfg, n, eos_id=-1).lower(params, tokens, mask, key).compile()
-    compile_s = time.perf_counter() - t
-    one = sampling.make_generate_fn(cfg, 1, eos_id=-1).lower(params, tokens, mask, key).compile()
-    t_full, out = timed(full, params, tokens, mask, args.runs)
-    t_one, _ = timed(one, params, tokens, mask, args.runs)
-    step = max(t_full - t_one, 1e-9) / (n - 1)
-    generated = np.asarray(out["tokens"])
+    r = bench.time_generation(params, cfg, tokens, mask, n, args.runs)
+    step = r["decode_s"] / n
+    generated = r["tokens"]
     references.setdefault((fmt, dtype, batch), generated)
     agree_f32, prefix_f32 = agreement(generated, references.get(("f32", "float32", batch)))
     agree_bf16, _ = agreement(generated, references.get(("bf16", "bfloat16", batch)))
-    kv_item = jnp.dtype(dtype).itemsize
-    kv_bytes = 2 * cfg.layers * batch * cfg.kv_heads * cfg.head_dim * (
-        args.prompt_len + n / 2) * kv_item
+    kv_bytes = bench.kv_cache_bytes(cfg, batch, bench.mean_cache_fill(args.prompt_len, n), dtype)
     weight_bytes = decode_step_bytes(params, cfg, batch)
     return {
         "format": fmt, "dtype": dtype, "batch": batch, "prompt_len": args.prompt_len,
         "new_tokens": n, "decode_tokens_per_s": batch / step, "decode_ms_per_step": 1e3 * step,
-        "prefill_s": max(t_one - step, 0.0), "total_s": t_full,
-        "e2e_tokens_per_s": batch * n / t_full, "weight_bytes_per_step": weight_bytes,
+        "prefill_s": r["prefill_s"], "total_s": r["total_s"],
+        "e2e_tokens_per_s": batch * n / r["total_s"], "weight_bytes_per_step": weight_bytes,
         "weight_gb_per_s": weight_bytes / step / 1e9, "kv_bytes": int(kv_bytes),
         "agree_f32": agree_f32, "prefix_f32": prefix_f32, "agree_bf16": agree_bf16,
-        "temp_mb": full.memory_analysis().temp_size_in_bytes / 1e6, "compile_s": compile_s,
+        "temp_mb": r["temp_mb"] * 2**20 / 1e6, "compile_s": r["compile_s"],
     }
 
 
@@ -182,17 +137,6 @@ def table(rows):
                      f"{r['temp_mb']:.0f} | "
                      f"{fmt(r['agree_f32'])} | {fmt(r['agree_bf16'])} |")
     return "\n".join(lines)
-
-
-def cpu_flags() -> str:
-    """The CPU's bf16-relevant flags: figures mean something only next to these."""
-    try:
-        out = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
-    except OSError:
-        return ""
-    found = [f for f in ("amx_bf16", "avx512_bf16", "avx512f", "avx2") if f in out]
-    name = [l.split(":", 1)[1].strip() for l in out.splitlines() if l.startswith("Model name")]
-    return ", ".join((name[:1] or [platform.processor()]) + found)
 
 
 def main():

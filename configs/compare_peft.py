@@ -15,4 +15,5 @@ def get_config(arg=None):
     c = demo_config(arg)
     # (name, method, learning rate): every method at the rate it is usually trained with.
     c.demo.stages = [(name, name, m.default_lr, "") for name, m in peft.METHODS.items()]
+    c.demo.rlhf.after = ""  # no RLHF stages here
     return c

@@ -34,7 +34,12 @@ def get_config(arg=None):
     c.quant.method = options.get("quant", "")
     c.train.batch_size = 16
     c.train.steps = 300
-    c.reward = ml_collections.ConfigDict()
-    c.reward.center_coef = 0.0  # weight of mean((r_chosen + r_rejected)^2): keeps rewards near 0
-    c.reward.eval_fraction = 0.1  # held out when data.eval is not given
+    c.reward = reward_defaults()
     return c
+
+
+def reward_defaults() -> ml_collections.ConfigDict:
+    r = ml_collections.ConfigDict()
+    r.center_coef = 0.0  # weight of mean((r_chosen + r_rejected)^2): keeps rewards near 0
+    r.eval_fraction = 0.1  # held out when data.eval is not given
+    return r

@@ -1,11 +1,18 @@
-"""Throughput, MFU and memory of the jitted train step (and later: generation, adapters).
+"""Throughput, MFU and memory of the jitted train step, and of greedy KV-cache generation.
 
     python -m ptjax.bench --preset=llama-56m --method=full --batch=8 --seq=512 --dtype=bfloat16
+    python -m ptjax.bench --preset=llama-56m --method=generate --batch=16 --prompt_len=64 \
+        --new_tokens=128 --dtype=bfloat16
 
 Prints one JSON object per case. MFU is model FLOPs per second over the bf16 matmul ceiling
 measured in the same process (a large bf16 x bf16 -> f32 dot), because that ceiling varies between
 runs and machines; `mfu_f32_ceiling` relates the same rate to a large f32 dot. Warm-up steps are
 discarded (the first calls into XLA's fast matmul library are slow).
+
+Generation (`generate`) is bound by memory, not FLOPs: a decode step must read every weight and
+the filled part of the KV cache, for a few FLOPs per byte. Its roof is therefore a large array
+copy measured in the same process (`copy_bandwidth_gb_s`), and `bandwidth_floor_fraction` says
+how close the decode steps come to it (see `generation_case`).
 """
 
 from ptjax import runtime
@@ -14,6 +21,7 @@ runtime.reexec_with_fast_allocator()  # must happen before JAX starts
 
 import functools  # noqa: E402
 import json  # noqa: E402
+import platform  # noqa: E402
 import re  # noqa: E402
 import resource  # noqa: E402
 import subprocess  # noqa: E402
@@ -26,11 +34,12 @@ import numpy as np  # noqa: E402
 import optax  # noqa: E402
 from absl import app, flags  # noqa: E402
 
-from ptjax import peft, quant  # noqa: E402
+from ptjax import peft, quant, sampling  # noqa: E402
 from ptjax import tree as ptree  # noqa: E402
 from ptjax.data import ByteTokenizer  # noqa: E402
 from ptjax.models import llama  # noqa: E402
 from ptjax.models.config import ModelConfig, preset  # noqa: E402
+from ptjax.peft import prompts  # noqa: E402
 from ptjax.train import sft  # noqa: E402
 from ptjax.train import state as state_lib  # noqa: E402
 from ptjax.train.config import base_config  # noqa: E402
@@ -39,12 +48,15 @@ FLAGS = flags.FLAGS
 flags.DEFINE_string("preset", "llama-56m", "Model preset.")
 flags.DEFINE_list("method", ["full"], "Methods to time: full, frozen (the bound for adapters: "
                   "only the input embeddings train), lora, qlora (LoRA on an NF4 base), dora, "
-                  "ia3, adapter, prompt, ptuning, prefix.")
+                  "ia3, adapter, prompt, ptuning, prefix; or generate (greedy KV-cache "
+                  "decoding of --batch prompts of --prompt_len tokens by --new_tokens tokens).")
 flags.DEFINE_integer("batch", 8, "Sequences per step.")
 flags.DEFINE_integer("seq", 512, "Tokens per sequence.")
+flags.DEFINE_integer("prompt_len", 64, "generate: prompt tokens per row.")
+flags.DEFINE_integer("new_tokens", 128, "generate: tokens decoded per row (never stopped early).")
 flags.DEFINE_list("dtype", ["bfloat16"], "Compute dtypes to time (bfloat16, float32).")
-flags.DEFINE_integer("steps", 5, "Timed steps (median reported).")
-flags.DEFINE_integer("warmup", 2, "Discarded steps after compilation.")
+flags.DEFINE_integer("steps", 5, "Timed steps, or generate calls (median reported).")
+flags.DEFINE_integer("warmup", 2, "Discarded steps (generate calls) after compilation.")
 flags.DEFINE_string("remat", "none", "Rematerialization: none or full.")
 
 
@@ -163,8 +175,195 @@ def device_peak_memory() -> dict:
     return {"device_peak_mb": round(stats["peak_bytes_in_use"] / 2**20, 1)}
 
 
+# ----------------------------------------------------------------------------- generation
+
+
+def cast_floats(params, dtype):
+    """Every float leaf outside weight nodes in `dtype` (quantized nodes keep their parts)."""
+    def visit(_, x):
+        if ptree.is_weight_node(x) or not jnp.issubdtype(x.dtype, jnp.floating):
+            return x
+        return x.astype(dtype)
+
+    return ptree.map_with_path(visit, params, nodes_as_leaves=True)
+
+
+def decode_step_bytes(params, cfg: ModelConfig, batch: int) -> int:
+    """Weight bytes one decode step reads: every leaf, but only `batch` rows of an untied input
+    embedding table (the lookup reads nothing else)."""
+    total = 0
+    for path, x in ptree.flatten_with_paths(params):
+        n = int(np.prod(np.shape(x))) * np.dtype(x.dtype).itemsize
+        if path.startswith("embed/") and not cfg.tie_embeddings:
+            n = batch * cfg.hidden * np.dtype(x.dtype).itemsize
+        total += n
+    return total
+
+
+def kv_cache_bytes(cfg: ModelConfig, batch: int, length: float, dtype) -> float:
+    """Bytes of the keys and values of `length` cached tokens in every layer."""
+    return 2 * cfg.layers * batch * cfg.kv_heads * cfg.head_dim * length * jnp.dtype(dtype).itemsize
+
+
+def mean_cache_fill(prompt_len: int, new_tokens: int) -> float:
+    """Cached tokens a decode step attends over, averaged over the `new_tokens` steps: step i
+    writes token i after the prompt's and reads prompt_len + i + 1 entries."""
+    return prompt_len + (new_tokens + 1) / 2
+
+
+def timed(fn, *args, runs: int, warmup: int = 2):
+    """(median seconds, last output) of `runs` calls of `fn(*args)` after `warmup` discarded
+    calls (the first calls into XLA's matmul library are slow)."""
+    for _ in range(warmup):
+        out = jax.block_until_ready(fn(*args))
+    times = []
+    for _ in range(runs):
+        t = time.perf_counter()
+        out = jax.block_until_ready(fn(*args))
+        times.append(time.perf_counter() - t)
+    return float(np.median(times)), out
+
+
+@functools.lru_cache(maxsize=8)
+def prefill_fn(cfg: ModelConfig, max_new_tokens: int):
+    """A jitted `fn(params, tokens, mask) -> (next-token logits, cache)`: exactly the part of
+    `sampling.generate` before its decode loop (same cache size, so the same attention work).
+
+    Why a copy of those lines rather than a flag on the sampler: the benchmark needs the
+    prefill as its own program to time it apart, and the sampler should not grow knobs for it.
+    """
+
+    def fn(params, tokens, mask):
+        b, p = tokens.shape
+        mask = mask.astype(jnp.int32)
+        params = prompts.finalize(params)
+        embeds, positions, prefix = prompts.model_inputs(params, cfg, tokens,
+                                                         sampling.positions_from_mask(mask))
+        cache = llama.init_cache(cfg, b, p + max_new_tokens, prefix=prefix)
+        hidden, cache = llama.decode(params, cfg, embeds, positions, mask, cache)
+        return llama.logits_from_hidden(params, cfg, hidden[:, -1]), cache
+
+    return jax.jit(fn)
+
+
+def time_generation(params, cfg: ModelConfig, tokens, mask, new_tokens: int, runs: int,
+                    warmup: int = 2) -> dict:
+    """Prefill and decode seconds of greedy generation with the library's jitted sampler.
+
+    The sampler (`sampling.make_generate_fn`, temperature 0) runs with a stop id of -1, which
+    argmax never returns, so every call decodes exactly `new_tokens` tokens (checked). Its
+    prefill is timed as its own program (`prefill_fn`), and decode seconds are the whole
+    call's median minus the prefill's: the `new_tokens` loop steps, each one token per row
+    through the model (the last step's logits go unused, see `sampling.generate`). Compilation
+    is excluded; medians of `runs` calls after `warmup` discarded ones. Returns `prefill_s`,
+    `decode_s`, `total_s`, `compile_s`, `temp_mb` (the generate program's XLA temporaries) and
+    the generated `tokens` [b, new_tokens].
+    """
+    key = jax.random.key(0)
+    t = time.perf_counter()
+    full = sampling.make_generate_fn(cfg, new_tokens, eos_id=-1).lower(
+        params, tokens, mask, key).compile()
+    compile_s = time.perf_counter() - t
+    first = prefill_fn(cfg, new_tokens).lower(params, tokens, mask).compile()
+    total_s, out = timed(full, params, tokens, mask, key, runs=runs, warmup=warmup)
+    prefill_s, _ = timed(first, params, tokens, mask, runs=runs, warmup=warmup)
+    lengths = np.asarray(out["lengths"])
+    if not (lengths == new_tokens).all():
+        raise RuntimeError(f"generation stopped early: lengths {lengths.tolist()}")
+    return {"prefill_s": prefill_s, "decode_s": max(total_s - prefill_s, 1e-9),
+            "total_s": total_s, "compile_s": compile_s,
+            "temp_mb": full.memory_analysis().temp_size_in_bytes / 2**20,
+            "tokens": np.asarray(out["tokens"])}
+
+
+def copy_bandwidth(mib: int = 1024, repeats: int = 5) -> float:
+    """Bytes per second (read + written) of a jitted elementwise pass over a `mib` MiB float32
+    array, median of `repeats`: the memory roof a decode step is compared against. `x + 1`
+    rather than `x + 0`, which XLA may fold to a plain copy of the input buffer or nothing."""
+    x = jnp.zeros((mib * 2**20 // 4,), jnp.float32)
+    f = jax.jit(lambda x: x + 1.0)
+    seconds, _ = timed(f, x, runs=repeats, warmup=2)
+    return 2 * x.nbytes / seconds
+
+
+def cpu_flags() -> str:
+    """The CPU's model and bf16-relevant flags: figures mean something only next to these."""
+    try:
+        out = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
+    except OSError:
+        return ""
+    found = [f for f in ("amx_bf16", "avx512_bf16", "avx512f", "avx2") if f in out]
+    name = [line.split(":", 1)[1].strip() for line in out.splitlines()
+            if line.startswith("Model name")]
+    return ", ".join((name[:1] or [platform.processor()]) + found)
+
+
+def peak_rss_mb() -> float:
+    """Peak resident memory of this process so far, MiB (Linux reports KiB)."""
+    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
+
+
+def generation_case(preset_name: str, dtype: str, batch: int, prompt_len: int, new_tokens: int,
+                    runs: int = 5, warmup: int = 2, copy_mib: int = 1024) -> dict:
+    """The `generate` benchmark's JSON record: greedy decoding of `batch` random prompts of
+    `prompt_len` tokens by `new_tokens` tokens, random weights stored in the compute `dtype`
+    (a bf16 run keeps every float leaf in bf16, as a PyTorch `model.to(torch.bfloat16)` does).
+
+    `bytes_per_decode_step` is what one decode step must read: the weights
+    (`decode_step_bytes`: every matrix, norm and the head, only `batch` embedding rows) plus
+    the keys and values of the cached tokens at the mean fill (`mean_cache_fill`). Divided by
+    the step time it is the bandwidth the decode loop achieves; `bandwidth_floor_fraction` is
+    that over the copy bandwidth (1 = the step takes no longer than reading its bytes once).
+    It is the bytes a step must read, not those the program happens to touch: the model's
+    attention runs over all prompt_len + new_tokens preallocated cache slots, masked, so it
+    reads more cache than the filled part (up to a third more at the default sizes).
+    `peak_rss_mb` is read before the copy measurement, whose 2 GiB would otherwise dominate it.
+    """
+    cfg = preset(preset_name, dtype=dtype)
+    params = host_init(cfg)
+    if cfg.compute_dtype != jnp.float32:
+        params = cast_floats(params, cfg.compute_dtype)
+    tokens = jnp.asarray(np.random.default_rng(0).integers(3, cfg.vocab_size,
+                                                           (batch, prompt_len), dtype=np.int32))
+    mask = jnp.ones(tokens.shape, bool)
+    r = time_generation(params, cfg, tokens, mask, new_tokens, runs, warmup)
+    weight_bytes = decode_step_bytes(params, cfg, batch)
+    kv_bytes = kv_cache_bytes(cfg, batch, mean_cache_fill(prompt_len, new_tokens),
+                              cfg.compute_dtype)
+    step_bytes = weight_bytes + kv_bytes
+    step_s = r["decode_s"] / new_tokens
+    rss = peak_rss_mb()
+    copy = copy_bandwidth(copy_mib)
+    return {
+        "case": f"{preset_name}-generate-{dtype}-b{batch}-p{prompt_len}-n{new_tokens}",
+        "decode_tokens_per_s": round(batch * new_tokens / r["decode_s"], 1),
+        "prefill_tokens_per_s": round(batch * prompt_len / r["prefill_s"], 1),
+        "e2e_tokens_per_s": round(batch * new_tokens / r["total_s"], 1),
+        "decode_step_ms": round(1e3 * step_s, 3),
+        "prefill_s": round(r["prefill_s"], 4),
+        "total_s": round(r["total_s"], 4),
+        "bytes_per_decode_step": round(step_bytes),
+        "weight_bytes_per_step": weight_bytes,
+        "kv_bytes_per_step": round(kv_bytes),
+        "decode_gb_s": round(step_bytes / step_s / 1e9, 3),
+        "copy_bandwidth_gb_s": round(copy / 1e9, 3),
+        "bandwidth_floor_fraction": round(step_bytes / step_s / copy, 4),
+        "compile_s": round(r["compile_s"], 2),
+        "temp_mb": round(r["temp_mb"], 1),
+        "peak_rss_mb": rss,
+        **device_peak_memory(),
+        "device": jax.devices()[0].device_kind,
+        "cpu": cpu_flags(),
+    }
+
+
 def run_case(method: str, dtype: str):
     """Time one (method, dtype) case in this process and print its JSON line."""
+    if method == "generate":
+        print(json.dumps(generation_case(FLAGS.preset, dtype, FLAGS.batch, FLAGS.prompt_len,
+                                         FLAGS.new_tokens, FLAGS.steps, FLAGS.warmup)),
+              flush=True)
+        return
     ceiling_bf16 = matmul_ceiling(jnp.bfloat16)
     ceiling_f32 = matmul_ceiling(jnp.float32)
     cfg = preset(FLAGS.preset, dtype=dtype, remat=FLAGS.remat)
@@ -179,7 +378,7 @@ def run_case(method: str, dtype: str):
         "model_tflops_per_s": round(tokens_per_s * flops / 1e12, 4),
         "bf16_ceiling_tflops": round(ceiling_bf16 / 1e12, 4),
         "f32_ceiling_tflops": round(ceiling_f32 / 1e12, 4),
-        "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+        "peak_rss_mb": peak_rss_mb(),
         **device_peak_memory(),
         **{k: round(v, 4) if isinstance(v, float) else v for k, v in r.items()},
         "device": jax.devices()[0].device_kind,
@@ -196,7 +395,8 @@ def main(argv):
         args = [a for a in argv[1:] if not a.startswith(("--method", "--dtype"))]
         subprocess.run([sys.executable, "-m", "ptjax.bench", f"--method={method}",
                         f"--dtype={dtype}", *[f"--{f}={getattr(FLAGS, f)}" for f in
-                        ("preset", "batch", "seq", "steps", "warmup", "remat")], *args],
+                        ("preset", "batch", "seq", "prompt_len", "new_tokens", "steps", "warmup",
+                         "remat")], *args],
                        check=True)
 
 

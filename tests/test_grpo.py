@@ -52,7 +52,9 @@ def even_fraction(tokens, mask):
     return ((resp % 2 == 0) * m).sum(1) / np.maximum(m.sum(1), 1)
 
 
-@pytest.mark.parametrize("method,estimator", [("full", "grpo"), ("lora", "rloo")])
+@pytest.mark.parametrize("method,estimator", [
+    pytest.param("full", "grpo", marks=pytest.mark.slow),
+    pytest.param("lora", "rloo", marks=pytest.mark.slow)])
 def test_grpo_raises_a_programmatic_reward(tmp_path, method, estimator):
     from configs.grpo import grpo_defaults
 

@@ -17,7 +17,9 @@ from ptjax.data.records import (
 )
 from ptjax.data.synthetic import (
     TASKS,
+    edit_distance,
     eval_set,
+    grade,
     instruction_prompt,
     instruction_records,
     pretraining_texts,
@@ -39,7 +41,9 @@ __all__ = [
     "encode_prompt",
     "encode_sft",
     "eval_batches",
+    "edit_distance",
     "eval_set",
+    "grade",
     "instruction_prompt",
     "instruction_records",
     "load_tokenizer",

@@ -25,26 +25,27 @@ def _random_string(rng: np.random.Generator, alphabet: str, low: int, high: int)
 
 
 def add_task(rng: np.random.Generator) -> tuple[str, str]:
-    """`("123+45", "168")`: the sum of two integers in 0..999."""
-    a, b = (int(x) for x in rng.integers(0, 1000, size=2))
+    """`("23+45", "68")`: the sum of two integers in 0..99 (sized so the demo's few-million-
+    parameter model learns some of it in minutes)."""
+    a, b = (int(x) for x in rng.integers(0, 100, size=2))
     return f"{a}+{b}", str(a + b)
 
 
 def reverse_task(rng: np.random.Generator) -> tuple[str, str]:
-    """`("reverse abc", "cba")` for a lowercase string of length 3..8."""
-    text = _random_string(rng, LETTERS, 3, 8)
+    """`("reverse abc", "cba")` for a lowercase string of length 3..5."""
+    text = _random_string(rng, LETTERS, 3, 5)
     return f"reverse {text}", text[::-1]
 
 
 def sort_task(rng: np.random.Generator) -> tuple[str, str]:
-    """`("sort 3912", "1239")` for 3..8 random digits."""
-    digits = _random_string(rng, "0123456789", 3, 8)
+    """`("sort 3912", "1239")` for 3..6 random digits."""
+    digits = _random_string(rng, "0123456789", 3, 6)
     return f"sort {digits}", "".join(sorted(digits))
 
 
 def count_task(rng: np.random.Generator) -> tuple[str, str]:
-    """`("count a in abcab", "2")`: a letter's occurrences in a 4..12-letter string over "abc"."""
-    text = _random_string(rng, COUNT_LETTERS, 4, 12)
+    """`("count a in abcab", "2")`: a letter's occurrences in a 4..9-letter string over "abc"."""
+    text = _random_string(rng, COUNT_LETTERS, 4, 9)
     letter = COUNT_LETTERS[int(rng.integers(0, len(COUNT_LETTERS)))]
     return f"count {letter} in {text}", str(text.count(letter))
 
@@ -158,3 +159,36 @@ def eval_set(n: int, seed: int, tasks: list[str] | None = None) -> list[tuple[st
         question, answer = TASKS[task](rng)
         triples.append((task, instruction_prompt(question), answer))
     return triples
+
+
+def edit_distance(a: str, b: str) -> int:
+    """Levenshtein distance (insertions, deletions, substitutions all cost 1)."""
+    previous = list(range(len(b) + 1))
+    for i, ca in enumerate(a, start=1):
+        current = [i]
+        for j, cb in enumerate(b, start=1):
+            current.append(min(previous[j] + 1, current[j - 1] + 1, previous[j - 1] + (ca != cb)))
+        previous = current
+    return previous[-1]
+
+
+NUMERIC_TASKS = ("add", "count")
+
+
+def grade(task: str, prediction: str, answer: str) -> float:
+    """How close a prediction is to the right answer; higher is better, 0 is exact.
+
+    Why graded: the demo's stand-in for human rankings must order two wrong answers too (the
+    reward model learns "closer is better", not only "right beats wrong"). Numeric tasks score
+    `-|prediction - answer|` (a non-number scores as far off as the answer is large, plus one);
+    string tasks score minus the edit distance.
+    """
+    prediction, answer = prediction.strip(), answer.strip()
+    if task in NUMERIC_TASKS:
+        try:
+            return -float(abs(int(prediction) - int(answer)))
+        except ValueError:
+            return -float(abs(int(answer)) + 1)
+    if task not in TASKS:
+        raise ValueError(f"unknown task {task!r}")
+    return -float(edit_distance(prediction, answer))

@@ -64,9 +64,10 @@ def pretrain_base(config, workdir: str, tokenizer) -> trainer.Result:
 
 
 def finetune(config, workdir: str, name: str, base: trainer.Result, tokenizer, eval_items,
-             lr: float, quant_method: str = "", **peft_overrides) -> dict:
+             lr: float, quant_method: str = "", **peft_overrides):
     """One fine-tuning stage from the base on clean instruction pairs (the base quantized first
-    when `quant_method` is set: nf4 + lora is QLoRA); returns its summary row."""
+    when `quant_method` is set: nf4 + lora is QLoRA); returns (its summary row, the inference
+    params and model config)."""
     d, seq_len = config.demo, config.train.seq_len
     c = stage_config(config, d.sft, quant_method, **peft_overrides)
     c.optim.lr = lr
@@ -77,13 +78,15 @@ def finetune(config, workdir: str, name: str, base: trainer.Result, tokenizer, e
                            encode(D.instruction_records(300, config.seed + 3), tokenizer, seq_len),
                            init_params=base.params)
     inference_params = peft.finalize(result.params, c.peft)
-    return {"eval_loss": float(result.metrics["eval/loss"]),
+    row = {"eval_loss": float(result.metrics["eval/loss"]),
             "parameter_bytes": ptree.nbytes(result.params),
             "trainable_params": result.trainable_params,
             "optimizer_state_bytes": result.optimizer_state_bytes,
             "train_tokens_per_s": float(result.metrics.get("train/tokens_per_s", 0.0)),
             "stage_seconds": round(time.time() - started, 1),
             **accuracy(inference_params, result.model_cfg, tokenizer, eval_items, c.peft)}
+    return row, trainer.Result(params=inference_params, model_cfg=result.model_cfg,
+                               metrics=result.metrics)
 
 
 def run(config, workdir: str) -> dict:
@@ -99,9 +102,17 @@ def run(config, workdir: str) -> dict:
     stages["base"] = {"eval_loss": float(base.metrics["eval/loss"]),
                       **accuracy(base.params, base.model_cfg, tokenizer, eval_items, config.peft)}
     trainer.write_summary(summary_path, summary)
+    tuned = {}
     for name, method, lr, quant_method in config.demo.stages:
-        stages[name] = finetune(config, workdir, name, base, tokenizer, eval_items, lr,
-                                quant_method, method=method)
+        stages[name], tuned[name] = finetune(config, workdir, name, base, tokenizer, eval_items,
+                                             lr, quant_method, method=method)
+        trainer.write_summary(summary_path, summary)
+    if config.demo.rlhf.after:  # InstructGPT's next steps: rankings, a reward model, PPO
+        from ptjax.recipes import demo_rlhf
+
+        stages["reward_model"], stages["ppo"] = demo_rlhf.run(
+            config, workdir, tuned[config.demo.rlhf.after], tokenizer, eval_items,
+            lambda params, cfg: accuracy(params, cfg, tokenizer, eval_items, config.peft))
         trainer.write_summary(summary_path, summary)
     summary["seconds"] = round(time.time() - started, 1)
     trainer.write_summary(summary_path, summary)

@@ -10,7 +10,10 @@ Arrays are over whole rows (prompt then response, [b, T]) and aligned with the t
 belongs to token t, `response` marks the response tokens (EOS included). The value of token t
 is read from the hidden state before it (where its log-prob comes from), so V_t estimates the
 return from emitting token t on. The value head is a scalar head `value_head` on the policy's
-body (shared body): one forward gives log-probs and values.
+body: one forward gives log-probs and values. The head reads the body's features through a
+stop-gradient, so the value loss trains the head only: a fresh head's large early errors
+would otherwise push the shared body away from the policy (on the demo the policy's score fell
+while the value loss was large).
 """
 
 from __future__ import annotations
@@ -38,7 +41,8 @@ def logprobs_and_values(params, cfg, tokens, mask, temperature: float, rng=None)
     logp = rl_math.logprobs_from_logits(logits, tokens[:, 1:], temperature)
     entropy = rl_math.entropy_from_logits(logits.astype(F32) / temperature)
     head = params[VALUE_HEAD]
-    values = (ops.linear(h[:, :-1], head["kernel"], F32) + head["bias"])[..., 0]
+    features = jax.lax.stop_gradient(h[:, :-1])
+    values = (ops.linear(features, head["kernel"], F32) + head["bias"])[..., 0]
     pad = lambda x: jnp.pad(x, ((0, 0), (1, 0)))  # noqa: E731
     return pad(logp), pad(entropy), pad(values)
 

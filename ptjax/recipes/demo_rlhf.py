@@ -1,0 +1,95 @@
+"""The demo's RLHF stages after SFT: preference pairs from the SFT model, a reward model, PPO.
+
+InstructGPT's recipe on the demo's tasks. The SFT model answers each prompt twice (sampled);
+a graded ground truth (`data.grade`: numeric closeness, edit distance) ranks the two answers,
+standing in for a human labeller (ties are dropped), and the reward model learns those rankings
+without ever seeing the right answer. PPO then optimizes the SFT model against the reward
+model with a KL penalty to it. Exact-match accuracy before (SFT) and after (PPO) is measured on
+the same held-out questions, with the ground truth the reward model never saw.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+
+import ml_collections
+import numpy as np
+
+from ptjax import data as D
+from ptjax import sampling
+from ptjax.data import pairs as P
+from ptjax.recipes import ppo as ppo_recipe
+from ptjax.recipes import reward as reward_recipe
+from ptjax.train import metrics, trainer
+
+
+def ranked_pairs(params, cfg, tokenizer, items, *, temperature: float, seed: int,
+                 max_new_tokens: int = 16):
+    """Preference records from two sampled answers per `(task, prompt, answer)` item, ordered
+    by `data.grade`; ties dropped. Also returns the share of items that gave a pair."""
+    prompts = [D.encode_prompt(prompt, tokenizer) for _, prompt, _ in items]
+    first, second = (sampling.generate_from_ids(params, cfg, tokenizer, prompts,
+                                                max_new_tokens=max_new_tokens,
+                                                temperature=temperature, seed=seed + k,
+                                                batch_size=256) for k in range(2))
+    records = []
+    for (task, prompt, answer), a, b in zip(items, first, second):
+        ga, gb = D.grade(task, a, answer), D.grade(task, b, answer)
+        if ga != gb:
+            better, worse = (a, b) if ga > gb else (b, a)
+            records.append(D.PreferenceRecord(prompt, better, worse))
+    return records, len(records) / max(len(items), 1)
+
+
+def stage(config, section: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """The demo config with a stage's sections (`train`, `optim`, `eval`, `ppo`) laid over it."""
+    c = ml_collections.ConfigDict(config.to_dict())
+    for name, values in section.items():
+        if name in c and isinstance(c[name], ml_collections.ConfigDict):
+            c[name].update(values.to_dict())
+        else:
+            c[name] = values
+    c.peft.method = "full"
+    c.quant.method = ""
+    return c
+
+
+def run(config, workdir: str, sft_result: trainer.Result, tokenizer, eval_items, accuracy_fn):
+    """The `reward_model` and `ppo` rows of the demo summary (see the module docstring)."""
+    r = config.demo.rlhf
+    cfg, params = sft_result.model_cfg, sft_result.params
+    started = time.time()
+    items = D.eval_set(r.preference_prompts, config.seed + 7)
+    records, kept = ranked_pairs(params, cfg, tokenizer, items,
+                                 temperature=r.sample_temperature, seed=config.seed + 8)
+    rm_cfg = stage(config, r.reward_model)
+    pairs = [P.encode_pair(rec, tokenizer, rm_cfg.train.seq_len) for rec in records]
+    train_pairs, eval_pairs = reward_recipe.split_pairs(pairs, r.held_out_fraction, config.seed)
+    rm = reward_recipe.run(rm_cfg, os.path.join(workdir, "reward_model"), train_pairs, eval_pairs,
+                           init_params=params, model_cfg=cfg, tokenizer=tokenizer)
+    rm_row = {"pairs": len(train_pairs), "held_out_pairs": len(eval_pairs),
+              "pair_yield": round(kept, 3),
+              "pairwise_accuracy": float(rm.metrics["eval/pairwise_accuracy"]),
+              "eval_loss": float(rm.metrics["eval/loss"]),
+              "stage_seconds": round(time.time() - started, 1)}
+
+    started = time.time()
+    ppo_cfg = stage(config, r.ppo)
+    prompts = [rec["prompt"] for rec in D.instruction_records(r.ppo_prompts, config.seed + 9)]
+    scorer = ppo_recipe.model_scorer(rm.params, cfg, cfg)
+    ppo_dir = os.path.join(workdir, "ppo")
+    result = ppo_recipe.train(ppo_cfg, ppo_dir, prompts, tokenizer, params, cfg,
+                              score_tokens=scorer)
+    rows = [row for row in metrics.read(ppo_dir) if "ppo/score" in row]
+    last = rows[-max(1, len(rows) // 10):]  # the final tenth of the iterations
+    ppo_row = {"mean_reward": float(np.mean([row["ppo/score"] for row in last])),
+               "first_reward": float(rows[0]["ppo/score"]),
+               "kl": float(np.mean([row["ppo/kl"] for row in last])),
+               "kl_coef": float(rows[-1]["ppo/kl_coef"]),
+               "iteration_seconds": {k: float(np.mean([row[f"time/{k}_s"] for row in rows[1:]]))
+                                     for k in ("generate", "score", "train")},
+               "stage_seconds": round(time.time() - started, 1),
+               **accuracy_fn(result.params, cfg)}
+    return rm_row, ppo_row
+
