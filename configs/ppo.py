@@ -16,7 +16,7 @@ value head sits on the policy's body. A reward function is `module:function` tak
 import ml_collections
 
 from ptjax import peft
-from ptjax.train.config import base_config
+from ptjax.train.config import base_config, method_options
 
 
 def ppo_defaults() -> ml_collections.ConfigDict:
@@ -47,21 +47,14 @@ def ppo_defaults() -> ml_collections.ConfigDict:
 
 
 def get_config(arg=None):
-    options = dict(kv.split("=", 1) for kv in arg.split(",")) if arg else {}
-    unknown = set(options) - {"peft", "quant"}
-    if unknown:
-        raise ValueError(f"configs/ppo.py: unknown option(s) {sorted(unknown)}; use peft=NAME "
-                         "and quant=NAME")
-    method = options.get("peft", "full")
-    if method not in peft.METHODS:
-        raise ValueError(f"configs/ppo.py: peft={method!r} is not one of {tuple(peft.METHODS)}")
+    method, quant_method = method_options(arg, "configs/ppo.py")
     c = base_config()
     c.trainer = "ppo"
     c.peft.method = method
     c.optim.lr = peft.METHODS[method].default_lr / 20
     c.optim.warmup_steps = 0
     c.optim.final_lr_fraction = 1.0
-    c.quant.method = options.get("quant", "")
+    c.quant.method = quant_method
     c.train.steps = 100  # iterations
     c.train.batch_size = 32  # prompts per iteration
     c.checkpoint.every = 10

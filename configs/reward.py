@@ -15,23 +15,16 @@ folder plus `score_head.safetensors`), which `configs/ppo.py` reads as `ppo.rewa
 import ml_collections
 
 from ptjax import peft
-from ptjax.train.config import base_config
+from ptjax.train.config import base_config, method_options
 
 
 def get_config(arg=None):
-    options = dict(kv.split("=", 1) for kv in arg.split(",")) if arg else {}
-    unknown = set(options) - {"peft", "quant"}
-    if unknown:
-        raise ValueError(f"configs/reward.py: unknown option(s) {sorted(unknown)}; use peft=NAME "
-                         "and quant=NAME")
-    method = options.get("peft", "full")
-    if method not in peft.METHODS:
-        raise ValueError(f"configs/reward.py: peft={method!r} is not one of {tuple(peft.METHODS)}")
+    method, quant_method = method_options(arg, "configs/reward.py")
     c = base_config()
     c.trainer = "reward"
     c.peft.method = method
     c.optim.lr = peft.METHODS[method].default_lr / 2
-    c.quant.method = options.get("quant", "")
+    c.quant.method = quant_method
     c.train.batch_size = 16
     c.train.steps = 300
     c.reward = reward_defaults()

@@ -16,23 +16,16 @@ format and WORKDIR/merged the merged model in Hugging Face's (for methods that m
 """
 
 from ptjax import peft
-from ptjax.train.config import base_config
+from ptjax.train.config import base_config, method_options
 
 
 def get_config(arg=None):
-    options = dict(kv.split("=", 1) for kv in arg.split(",")) if arg else {}
-    unknown = set(options) - {"peft", "quant"}
-    if unknown:
-        raise ValueError(f"configs/sft.py: unknown option(s) {sorted(unknown)}; use peft=NAME "
-                         "and quant=NAME")
-    method = options.get("peft", "full")
-    if method not in peft.METHODS:
-        raise ValueError(f"configs/sft.py: peft={method!r} is not one of {tuple(peft.METHODS)}")
+    method, quant_method = method_options(arg, "configs/sft.py")
     c = base_config()
     c.trainer = "sft"
     c.peft.method = method
     c.optim.lr = peft.METHODS[method].default_lr  # the method's usual rate; --config.optim.lr
-    c.quant.method = options.get("quant", "")
+    c.quant.method = quant_method
     # P-tuning as PEFT places it, so WORKDIR/adapter runs the same in PEFT (P_TUNING).
     c.peft.ptuning_placement = "prepend"
     return c

@@ -12,6 +12,7 @@ from ptjax.data.records import (
     SFTRecord,
     parse_sft_record,
     read_preference_jsonl,
+    read_prompts_jsonl,
     read_sft_jsonl,
     write_jsonl,
 )
@@ -51,6 +52,7 @@ __all__ = [
     "parse_sft_record",
     "pretraining_texts",
     "read_preference_jsonl",
+    "read_prompts_jsonl",
     "read_sft_jsonl",
     "render_chat_template",
     "score",

@@ -112,14 +112,11 @@ def _string_field(obj: dict, key: str, field: str, path, line: int | None) -> st
     return value
 
 
-def _chat_record(messages: Any, path, line: int | None) -> ChatRecord:
-    """A validated `ChatRecord` from the JSON value of a `messages` field."""
-    if not isinstance(messages, list):
-        problem = f"field 'messages': expected a list, got {_type_name(messages)}"
-        raise DataError(path, problem, line)
+def _turns(messages: list, key: str, path, line: int | None) -> tuple[tuple[str, str], ...]:
+    """`(role, content)` pairs of a JSON list of messages, each checked (`key` names the field)."""
     pairs = []
     for i, message in enumerate(messages):
-        field = f"messages[{i}]"
+        field = f"{key}[{i}]"
         if not isinstance(message, dict):
             problem = f"field '{field}': expected a JSON object, got {_type_name(message)}"
             raise DataError(path, problem, line)
@@ -130,9 +127,18 @@ def _chat_record(messages: Any, path, line: int | None) -> ChatRecord:
             raise DataError(path, problem, line)
         content = _string_field(message, "content", f"{field}.content", path, line)
         pairs.append((role, content))
+    return tuple(pairs)
+
+
+def _chat_record(messages: Any, path, line: int | None) -> ChatRecord:
+    """A validated `ChatRecord` from the JSON value of a `messages` field."""
+    if not isinstance(messages, list):
+        problem = f"field 'messages': expected a list, got {_type_name(messages)}"
+        raise DataError(path, problem, line)
+    pairs = _turns(messages, "messages", path, line)
     if not any(role == "assistant" for role, _ in pairs):
         raise DataError(path, "field 'messages': no assistant message (nothing to train on)", line)
-    return ChatRecord(messages=tuple(pairs))
+    return ChatRecord(messages=pairs)
 
 
 def parse_sft_record(obj: Any, path: str | os.PathLike = "<record>", line: int | None = None):
@@ -172,22 +178,12 @@ def _turns_or_text(obj: dict, key: str, path, line: int | None, assistant: bool)
     if not isinstance(value, list):
         problem = f"field '{key}': expected a string or a list of messages, got {_type_name(value)}"
         raise DataError(path, problem, line)
-    turns = []
-    for i, message in enumerate(value):
-        field = f"{key}[{i}]"
-        if not isinstance(message, dict):
-            problem = f"field '{field}': expected a JSON object, got {_type_name(message)}"
-            raise DataError(path, problem, line)
-        role = _string_field(message, "role", f"{field}.role", path, line)
-        if role not in CHAT_ROLES:
-            problem = f"field '{field}.role': unknown role {role!r} (allowed: {', '.join(CHAT_ROLES)})"
-            raise DataError(path, problem, line)
-        turns.append((role, _string_field(message, "content", f"{field}.content", path, line)))
+    turns = _turns(value, key, path, line)
     if not turns:
         raise DataError(path, f"field '{key}': empty list of messages", line)
     if assistant and not any(role == "assistant" for role, _ in turns):
         raise DataError(path, f"field '{key}': no assistant message (nothing to score)", line)
-    return tuple(turns)
+    return turns
 
 
 def read_preference_jsonl(path: str | os.PathLike) -> list[PreferenceRecord]:
@@ -207,6 +203,12 @@ def read_preference_jsonl(path: str | os.PathLike) -> list[PreferenceRecord]:
             )
         )
     return records
+
+
+def read_prompts_jsonl(path: str | os.PathLike) -> list[str]:
+    """The `prompt` string of every record of a JSONL file (RL prompts: PPO, GRPO), validated
+    up front like the other readers."""
+    return [_string_field(obj, "prompt", "prompt", path, line) for line, obj in _json_objects(path)]
 
 
 def write_jsonl(path: str | os.PathLike, records: list[dict]) -> None:

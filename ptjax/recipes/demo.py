@@ -23,12 +23,14 @@ from ptjax.train import trainer
 
 def stage_config(config, stage: ml_collections.ConfigDict, quant_method: str = "",
                  **peft_overrides) -> ml_collections.ConfigDict:
-    """The demo config with one stage's `train`/`optim`/`eval` settings, PEFT method and
-    quantization of the base laid over it."""
+    """The demo config with one stage's sections (`train`, `optim`, `eval`, or a trainer's own
+    such as `ppo`), PEFT method and quantization of the base laid over it."""
     c = ml_collections.ConfigDict(config.to_dict())
-    for section in ("train", "optim", "eval"):
-        if section in stage:
-            c[section].update(stage[section].to_dict())
+    for name, values in stage.items():
+        if name in c and isinstance(c[name], ml_collections.ConfigDict):
+            c[name].update(values.to_dict())
+        else:
+            c[name] = values
     c.peft.update(peft_overrides)
     c.quant.method = quant_method
     return c

@@ -13,12 +13,12 @@ from __future__ import annotations
 import os
 import time
 
-import ml_collections
 import numpy as np
 
 from ptjax import data as D
 from ptjax import sampling
 from ptjax.data import pairs as P
+from ptjax.recipes import demo
 from ptjax.recipes import ppo as ppo_recipe
 from ptjax.recipes import reward as reward_recipe
 from ptjax.train import metrics, trainer
@@ -42,19 +42,6 @@ def ranked_pairs(params, cfg, tokenizer, items, *, temperature: float, seed: int
     return records, len(records) / max(len(items), 1)
 
 
-def stage(config, section: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
-    """The demo config with a stage's sections (`train`, `optim`, `eval`, `ppo`) laid over it."""
-    c = ml_collections.ConfigDict(config.to_dict())
-    for name, values in section.items():
-        if name in c and isinstance(c[name], ml_collections.ConfigDict):
-            c[name].update(values.to_dict())
-        else:
-            c[name] = values
-    c.peft.method = "full"
-    c.quant.method = ""
-    return c
-
-
 def run(config, workdir: str, sft_result: trainer.Result, tokenizer, eval_items, accuracy_fn):
     """The `reward_model` and `ppo` rows of the demo summary (see the module docstring)."""
     r = config.demo.rlhf
@@ -63,7 +50,7 @@ def run(config, workdir: str, sft_result: trainer.Result, tokenizer, eval_items,
     items = D.eval_set(r.preference_prompts, config.seed + 7)
     records, kept = ranked_pairs(params, cfg, tokenizer, items,
                                  temperature=r.sample_temperature, seed=config.seed + 8)
-    rm_cfg = stage(config, r.reward_model)
+    rm_cfg = demo.stage_config(config, r.reward_model, method="full")
     pairs = [P.encode_pair(rec, tokenizer, rm_cfg.train.seq_len) for rec in records]
     train_pairs, eval_pairs = reward_recipe.split_pairs(pairs, r.held_out_fraction, config.seed)
     rm = reward_recipe.run(rm_cfg, os.path.join(workdir, "reward_model"), train_pairs, eval_pairs,
@@ -75,7 +62,7 @@ def run(config, workdir: str, sft_result: trainer.Result, tokenizer, eval_items,
               "stage_seconds": round(time.time() - started, 1)}
 
     started = time.time()
-    ppo_cfg = stage(config, r.ppo)
+    ppo_cfg = demo.stage_config(config, r.ppo, method="full")
     prompts = [rec["prompt"] for rec in D.instruction_records(r.ppo_prompts, config.seed + 9)]
     scorer = ppo_recipe.model_scorer(rm.params, cfg, cfg)
     ppo_dir = os.path.join(workdir, "ppo")

@@ -15,7 +15,6 @@ import os
 import jax
 import numpy as np
 
-from ptjax import data as D
 from ptjax import quant
 from ptjax.data import pairs as P
 from ptjax.recipes import reward as reward_recipe
@@ -74,16 +73,8 @@ def run(config, workdir: str, train_pairs=None, eval_pairs=None, init_params=Non
                              "Face folder or a GGUF file)")
     seq_len = config.train.seq_len
     if train_pairs is None:
-        if not config.data.train:
-            raise ValueError("data.train: DPO needs a preference JSONL file (prompt, chosen, rejected)")
-        pairs = [P.encode_pair(r, tokenizer, seq_len)
-                 for r in D.read_preference_jsonl(config.data.train)]
-        if config.data.eval:
-            train_pairs, eval_pairs = pairs, [P.encode_pair(r, tokenizer, seq_len)
-                                              for r in D.read_preference_jsonl(config.data.eval)]
-        else:
-            train_pairs, eval_pairs = reward_recipe.split_pairs(pairs, config.dpo.eval_fraction,
-                                                                config.seed)
+        train_pairs, eval_pairs = reward_recipe.read_pairs(config, tokenizer,
+                                                           config.dpo.eval_fraction, "DPO")
     eval_pairs = eval_pairs or []
     reference = reference_kind(config)
     train_extras = eval_extras = None

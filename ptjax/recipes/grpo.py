@@ -19,6 +19,7 @@ from tqdm import tqdm
 
 from ptjax import checkpoint, sampling, sharding
 from ptjax import tree as ptree
+from ptjax import data as D
 from ptjax.data import encode_prompt
 from ptjax.recipes import ppo as ppo_recipe
 from ptjax.train import grpo, trainer
@@ -145,7 +146,6 @@ def train(config, workdir: str, prompts: list, tokenizer, init_params, model_cfg
 def run(config, workdir: str) -> trainer.Result:
     """`configs/grpo.py`: prompts from `grpo.prompts`, the policy from `model.init`, rewards from
     `grpo.reward_fns` (weighted by `grpo.reward_weights`) or `grpo.reward_model`."""
-    from ptjax.data.records import _json_objects, _string_field
     from ptjax.recipes import reward as reward_recipe
     from ptjax.recipes import sft
 
@@ -154,8 +154,7 @@ def run(config, workdir: str) -> trainer.Result:
         raise ValueError("grpo.reward_model / grpo.reward_fns: set exactly one")
     if not gc.prompts:
         raise ValueError("grpo.prompts: a JSONL file of {\"prompt\": ...} records is required")
-    prompts = [_string_field(obj, "prompt", "prompt", gc.prompts, line)
-               for line, obj in _json_objects(gc.prompts)]
+    prompts = D.read_prompts_jsonl(gc.prompts)
     model_cfg, init_params, tokenizer, _ = sft.load_base(config)
     if gc.reward_model:
         rm_params, rm_cfg = reward_recipe.load_reward_model(gc.reward_model)

@@ -25,6 +25,7 @@ from tqdm import tqdm
 
 from ptjax import checkpoint, sampling, sharding
 from ptjax import tree as ptree
+from ptjax import data as D
 from ptjax.data import encode_prompt
 from ptjax.models import heads
 from ptjax.train import metrics as metrics_lib
@@ -247,7 +248,6 @@ def train(config, workdir: str, prompts: list, tokenizer, init_params, model_cfg
 def run(config, workdir: str) -> trainer.Result:
     """`configs/ppo.py`: prompts from `ppo.prompts` (JSONL with a `prompt` field), the policy from
     `model.init`, the reward from `ppo.reward_model` or `ppo.reward_fn`."""
-    from ptjax.data.records import _json_objects, _string_field
     from ptjax.recipes import reward as reward_recipe
     from ptjax.recipes import sft
 
@@ -256,8 +256,7 @@ def run(config, workdir: str) -> trainer.Result:
         raise ValueError("ppo.reward_model / ppo.reward_fn: set exactly one")
     if not pc.prompts:
         raise ValueError("ppo.prompts: a JSONL file of {\"prompt\": ...} records is required")
-    prompts = [_string_field(obj, "prompt", "prompt", pc.prompts, line)
-               for line, obj in _json_objects(pc.prompts)]
+    prompts = D.read_prompts_jsonl(pc.prompts)
     model_cfg, init_params, tokenizer, _ = sft.load_base(config)
     if pc.reward_model:
         rm_params, rm_cfg = reward_recipe.load_reward_model(pc.reward_model)

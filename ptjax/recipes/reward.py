@@ -46,6 +46,21 @@ def split_pairs(pairs, fraction: float, seed: int):
     return [pairs[i] for i in order[n_eval:]], [pairs[i] for i in order[:n_eval]]
 
 
+def read_pairs(config, tokenizer, eval_fraction: float, what: str):
+    """(train pairs, held-out pairs) encoded from `data.train`, and `data.eval` if given, else
+    a seeded `eval_fraction` of the training file. `what` names the trainer in the error."""
+    if not config.data.train:
+        raise ValueError(f"data.train: {what} needs a preference JSONL file "
+                         "(prompt, chosen, rejected)")
+    seq_len = config.train.seq_len
+    read = lambda path: [P.encode_pair(r, tokenizer, seq_len)  # noqa: E731
+                         for r in D.read_preference_jsonl(path)]
+    pairs = read(config.data.train)
+    if config.data.eval:
+        return pairs, read(config.data.eval)
+    return split_pairs(pairs, eval_fraction, config.seed)
+
+
 def save_reward_model(params, cfg, tokenizer, folder: str):
     """The merged body as a Hugging Face folder and the head beside it (see module docstring)."""
     from ptjax.interop import export
@@ -83,18 +98,9 @@ def run(config, workdir: str, train_pairs=None, eval_pairs=None, init_params=Non
     """
     if init_params is None:
         model_cfg, init_params, tokenizer, _ = sft.load_base(config)
-    seq_len = config.train.seq_len
     if train_pairs is None:
-        if not config.data.train:
-            raise ValueError("data.train: a reward model needs a preference JSONL file "
-                             "(prompt, chosen, rejected)")
-        pairs = [P.encode_pair(r, tokenizer, seq_len) for r in D.read_preference_jsonl(config.data.train)]
-        if config.data.eval:
-            train_pairs = pairs
-            eval_pairs = [P.encode_pair(r, tokenizer, seq_len)
-                          for r in D.read_preference_jsonl(config.data.eval)]
-        else:
-            train_pairs, eval_pairs = split_pairs(pairs, config.reward.eval_fraction, config.seed)
+        train_pairs, eval_pairs = read_pairs(config, tokenizer, config.reward.eval_fraction,
+                                             "a reward model")
     result = trainer.train(config, workdir, init_params=init_params, model_cfg=model_cfg,
                            tokenizer=tokenizer,
                            objective=reward_objective(config, train_pairs, eval_pairs or []))

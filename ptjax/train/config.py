@@ -10,6 +10,26 @@ from __future__ import annotations
 import ml_collections
 
 
+def method_options(arg, config_file: str) -> tuple[str, str]:
+    """(peft method, quant method) from a config file's `peft=NAME,quant=NAME` argument.
+
+    Why shared: every trainer config (`configs/sft.py`, `reward.py`, `dpo.py`, `ppo.py`,
+    `grpo.py`) takes the same two options, and a typo in either must name the file and the
+    choices the same way.
+    """
+    from ptjax import peft
+
+    options = dict(kv.split("=", 1) for kv in arg.split(",")) if arg else {}
+    unknown = set(options) - {"peft", "quant"}
+    if unknown:
+        raise ValueError(f"{config_file}: unknown option(s) {sorted(unknown)}; use peft=NAME "
+                         "and quant=NAME")
+    method = options.get("peft", "full")
+    if method not in peft.METHODS:
+        raise ValueError(f"{config_file}: peft={method!r} is not one of {tuple(peft.METHODS)}")
+    return method, options.get("quant", "")
+
+
 def base_config() -> ml_collections.ConfigDict:
     """Defaults for a supervised fine-tuning run of the demo-sized model."""
     c = ml_collections.ConfigDict()

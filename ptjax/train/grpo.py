@@ -30,8 +30,7 @@ def rollout_logprobs(params, reference, batch, *, model_cfg, temperature: float,
     out = {"old_logp": policy.token_logprobs(params, model_cfg, batch["tokens"], batch["mask"],
                                              temperature=temperature)}
     if with_reference:
-        ref = policy.adapters_off(params) if reference is None else reference
-        out["ref_logp"] = policy.token_logprobs(ref, model_cfg, batch["tokens"], batch["mask"],
+        out["ref_logp"] = policy.token_logprobs(policy.reference(params, reference), model_cfg, batch["tokens"], batch["mask"],
                                                 temperature=temperature)
     return out
 

@@ -23,31 +23,32 @@ F32 = jnp.float32
 ADAPTER_NODES = (lora.LoRA, lora.DoRA, ia3.IA3, adapters.Adapter)
 
 
-def token_logits(params, cfg, tokens, mask, rng=None):
-    """Float32 logits [b, s, vocab] of every position (the next token's distribution)."""
+def hidden(params, cfg, tokens, mask, rng=None):
+    """Final hidden states [b, s, hidden] of one-sequence-per-row `tokens` (padding masked)."""
     mask = jnp.asarray(mask).astype(jnp.int32)
     positions = jnp.maximum(jnp.cumsum(mask, axis=-1) - 1, 0).astype(jnp.int32)
-    h = llama.hidden_states(params, cfg, llama.embed_tokens(params, cfg, jnp.maximum(tokens, 0)),
-                            positions, mask, rng=rng)
-    return llama.logits_from_hidden(params, cfg, h)
+    return llama.hidden_states(params, cfg,
+                               llama.embed_tokens(params, cfg, jnp.maximum(tokens, 0)),
+                               positions, mask, rng=rng)
 
 
-def token_logprobs(params, cfg, tokens, mask, *, temperature: float = 1.0, rng=None,
-                   with_entropy: bool = False):
+def shifted_logprobs(params, cfg, h, tokens, temperature: float):
+    """(log-probs [b, s] aligned with `tokens`, 0 at t = 0; the logits [b, s-1, vocab] they
+    came from) for hidden states `h` of `tokens`."""
+    logits = llama.logits_from_hidden(params, cfg, h[:, :-1])
+    logp = rl_math.logprobs_from_logits(logits, tokens[:, 1:], temperature)
+    return jnp.pad(logp, ((0, 0), (1, 0))), logits
+
+
+def token_logprobs(params, cfg, tokens, mask, *, temperature: float = 1.0, rng=None):
     """log p(tokens[:, t] | tokens[:, :t]) as float32 [b, s], aligned with `tokens` (0 at t = 0).
 
     Why aligned with the tokens rather than shifted: the response mask of a rollout or a
     preference pair then selects the log-probs directly. `temperature` must be the sampler's, so
-    PPO's ratios compare the distribution that sampled. With `with_entropy`, also the entropy of
-    the predicted distribution at each position (same alignment).
+    PPO's ratios compare the distribution that sampled.
     """
-    logits = token_logits(params, cfg, tokens, mask, rng)[:, :-1]
-    logp = rl_math.logprobs_from_logits(logits, tokens[:, 1:], temperature)
-    logp = jnp.pad(logp, ((0, 0), (1, 0)))
-    if not with_entropy:
-        return logp
-    entropy = rl_math.entropy_from_logits(logits.astype(F32) / temperature)
-    return logp, jnp.pad(entropy, ((0, 0), (1, 0)))
+    h = hidden(params, cfg, tokens, mask, rng)
+    return shifted_logprobs(params, cfg, h, tokens, temperature)[0]
 
 
 def adapters_off(params):
@@ -63,6 +64,12 @@ def adapters_off(params):
         return x
 
     return jax.tree.map(unwrap, params, is_leaf=lambda x: isinstance(x, ADAPTER_NODES))
+
+
+def reference(params, frozen=None):
+    """The reference policy's params: a given frozen copy, or (None) `params` with their
+    adapters off, the same base arrays and no second copy."""
+    return adapters_off(params) if frozen is None else frozen
 
 
 def has_adapters(params) -> bool:

@@ -22,7 +22,6 @@ import jax
 import jax.numpy as jnp
 
 from ptjax import ops
-from ptjax.models import llama
 from ptjax.train import policy as policy_lib
 from ptjax.train import rl_math
 from ptjax.train.steps import mean_loss_update
@@ -33,24 +32,14 @@ VALUE_HEAD = "value_head"
 
 def logprobs_and_values(params, cfg, tokens, mask, temperature: float, rng=None):
     """(log-probs [b, T], entropy [b, T], values [b, T]) from one forward of the policy body."""
-    mask = mask.astype(jnp.int32)
-    positions = jnp.maximum(jnp.cumsum(mask, axis=-1) - 1, 0).astype(jnp.int32)
-    h = llama.hidden_states(params, cfg, llama.embed_tokens(params, cfg, jnp.maximum(tokens, 0)),
-                            positions, mask, rng=rng)
-    logits = llama.logits_from_hidden(params, cfg, h[:, :-1])
-    logp = rl_math.logprobs_from_logits(logits, tokens[:, 1:], temperature)
+    h = policy_lib.hidden(params, cfg, tokens, mask, rng)
+    logp, logits = policy_lib.shifted_logprobs(params, cfg, h, tokens, temperature)
     entropy = rl_math.entropy_from_logits(logits.astype(F32) / temperature)
     head = params[VALUE_HEAD]
     features = jax.lax.stop_gradient(h[:, :-1])
     values = (ops.linear(features, head["kernel"], F32) + head["bias"])[..., 0]
     pad = lambda x: jnp.pad(x, ((0, 0), (1, 0)))  # noqa: E731
-    return pad(logp), pad(entropy), pad(values)
-
-
-def reference_of(params, reference):
-    """The reference policy's params: the given frozen copy, or (None) the policy itself with
-    its adapters switched off (`policy.adapters_off`: the same base arrays, no second copy)."""
-    return policy_lib.adapters_off(params) if reference is None else reference
+    return logp, pad(entropy), pad(values)
 
 
 def rollout_statistics(params, reference, batch, *, model_cfg, temperature: float):
@@ -58,7 +47,7 @@ def rollout_statistics(params, reference, batch, *, model_cfg, temperature: floa
     computed once per iteration and held fixed through its epochs (no gradient)."""
     logp, _, values = logprobs_and_values(params, model_cfg, batch["tokens"], batch["mask"],
                                           temperature)
-    ref_logp = policy_lib.token_logprobs(reference_of(params, reference), model_cfg,
+    ref_logp = policy_lib.token_logprobs(policy_lib.reference(params, reference), model_cfg,
                                          batch["tokens"], batch["mask"], temperature=temperature)
     return {"old_logp": logp, "ref_logp": ref_logp, "old_values": values}
 
