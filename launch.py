@@ -28,11 +28,12 @@ flags.mark_flags_as_required(["config", "workdir"])
 
 def trainers():
     """Config `trainer` name -> the run function (imported lazily: startup stays fast)."""
-    from ptjax.recipes import (chat_task, compare_compression, compress, demo, dpo, grpo, ppo,
-                               reward, sft)
+    from ptjax.recipes import (chat_task, compare_alignment, compare_compression, compress, demo,
+                               dpo, grpo, ppo, reward, sft)
 
     return {"sft": sft.run, "demo": demo.run, "chat_task": chat_task.run, "compress": compress.run,
-            "compare_compression": compare_compression.run, "reward": reward.run,
+            "compare_compression": compare_compression.run,
+            "compare_alignment": compare_alignment.run, "reward": reward.run,
             "ppo": ppo.run, "dpo": dpo.run, "grpo": grpo.run}
 
 

@@ -24,6 +24,9 @@ def get_config(arg=None):
     c = base_config()
     c.trainer = "demo"
     c.model.preset = "demo"
+    # bf16 matmuls (float32 master weights): 1.6x the float32 step on AVX-512 BF16 / AMX CPUs
+    # and accelerators; on AVX2-only CPUs bf16 is emulated, about as fast as float32.
+    c.model.dtype = "bfloat16"
     c.train.seq_len = 128
     c.train.batch_size = 32
     c.train.log_every = 25
@@ -37,13 +40,13 @@ def get_config(arg=None):
     c.demo.base_dir = ""  # reuse a finished base stage from another workdir ("" = WORKDIR/base)
     # Fine-tuning stages after the base: (name in summary.json, peft.method, learning rate,
     # quant.method of the base: nf4 + lora is QLoRA).
-    c.demo.stages = [("sft", "full", 5e-4, ""), ("sft_lora", "lora", 2e-3, ""),
+    c.demo.stages = [("sft", "full", 2e-3, ""), ("sft_lora", "lora", 2e-3, ""),
                      ("sft_qlora", "lora", 2e-3, "nf4")]
     # Per-stage overrides of train / optim / eval.
     c.demo.pretrain = ml_collections.ConfigDict({
-        "train": {"steps": 300},
-        "optim": {"lr": 2e-3, "warmup_steps": 100},
-        "eval": {"every": 150},
+        "train": {"steps": 400},
+        "optim": {"lr": 3e-3, "warmup_steps": 100},
+        "eval": {"every": 200},
     })
     # After SFT: two sampled answers per prompt ranked by a graded ground truth, a reward model
     # on those rankings, then PPO against it ("" in `after` skips these stages).
@@ -65,8 +68,8 @@ def get_config(arg=None):
                                                     "kl_coef": 0.2}},
     })
     c.demo.sft = ml_collections.ConfigDict({
-        "train": {"steps": 100},
+        "train": {"steps": 150},
         "optim": {"warmup_steps": 20},
-        "eval": {"every": 100},
+        "eval": {"every": 150},
     })
     return c

@@ -41,6 +41,7 @@ def ppo_defaults() -> ml_collections.ConfigDict:
     p.clip_eps = 0.2
     p.clip_eps_value = 0.2
     p.value_coef = 0.1
+    p.value_lr = 1e-3  # the value head's own peak learning rate (it starts from random weights)
     p.entropy_coef = 0.0
     p.missing_eos_penalty = -1.0  # added to the score of responses that never emit EOS
     return p

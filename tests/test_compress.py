@@ -18,7 +18,7 @@ from ptjax.interop import load
 from ptjax.models import llama
 from ptjax.models.config import preset
 from ptjax.recipes import compress
-from ptjax.train.config import base_config
+from ptjax.train.config import base_config, with_overrides
 from tiny_checkpoint import write_chat_model
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -71,12 +71,14 @@ def test_stored_bytes_count_codes_and_scales_not_masks():
 
 
 def test_variant_settings_take_the_default_type_and_unknown_keys_are_named():
-    c = compress.variant_config(base_config(), "quant.method=int4,quant.group_size=32,"
-                                               "quant.qat=True,prune.sparsity=0.25")
+    c = with_overrides(base_config(), "quant.method=int4,quant.group_size=32,"
+                                      "quant.qat=True,prune.sparsity=0.25", "row")
     assert (c.quant.method, c.quant.group_size, c.quant.qat, c.prune.sparsity) == (
         "int4", 32, True, 0.25)
-    with pytest.raises(KeyError, match="quant.groupsize"):
-        compress.variant_config(base_config(), "quant.groupsize=32")
+    with pytest.raises(KeyError, match="row 'int4': unknown config key 'quant.groupsize'"):
+        with_overrides(base_config(), "quant.groupsize=32", "row 'int4'")
+    with pytest.raises(KeyError, match="'qaunt.method'"):
+        with_overrides(base_config(), "qaunt.method=int4", "row")
 
 
 def _launch(config: str, workdir, *overrides):

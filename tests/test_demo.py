@@ -48,3 +48,69 @@ def test_demo_runs_every_stage(tmp_path):
     assert np.isfinite(ppo["kl"])
     assert os.path.exists(os.path.join(workdir, "ppo", "ppo.png"))
     assert json.load(open(os.path.join(workdir, "summary.json")))["stages"]["ppo"] == ppo
+
+
+def test_solve_answers_every_demo_prompt_and_rewards_follow_the_grade():
+    for record in D.instruction_records(400, seed=5):
+        task, answer = D.synthetic.solve(record["prompt"])
+        assert answer == record["completion"] and task in D.synthetic.TASKS
+    prompt = D.synthetic.instruction_prompt("12+7")
+    rewards = [D.synthetic.graded_reward(prompt, r) for r in ("19", "18", "25", "x")]
+    assert rewards[0] == 1.0 and rewards == sorted(rewards, reverse=True) and rewards[-1] > 0
+    assert D.synthetic.graded_reward(prompt, "18") == 1.0 / (1.0 - D.grade("add", "18", "19"))
+    assert D.synthetic.exact_reward(prompt, " 19") == 1.0 and D.synthetic.exact_reward(prompt, "9") == 0
+    with pytest.raises(ValueError, match="not a demo task prompt"):
+        D.synthetic.solve("Q: what is love\nA: ")
+
+
+def test_sampled_kl_to_itself_is_zero_and_to_another_model_positive():
+    import jax
+
+    from ptjax.models import llama
+    from ptjax.models.config import PRESETS
+    from ptjax.recipes import compare_alignment
+
+    cfg = PRESETS["tiny"]
+    tokenizer = D.load_tokenizer("byte")
+    sft = llama.init_params(cfg, jax.random.key(0))
+    other = llama.init_params(cfg, jax.random.key(1))
+    items = D.eval_set(8, seed=3)
+    score = lambda tokens, mask: np.asarray(mask, np.float32).sum(1)  # noqa: E731
+    same = compare_alignment.sampled_measures(sft, sft, cfg, tokenizer, items, score,
+                                              temperature=1.0, max_new_tokens=6, seed=0)
+    assert same["kl_to_sft"] == 0.0 and same["grade"] < 0 and same["reward_model_score"] > 0
+    apart = compare_alignment.sampled_measures(other, sft, cfg, tokenizer, items, score,
+                                               temperature=1.0, max_new_tokens=6, seed=0)
+    assert apart["kl_to_sft"] > 0.0
+
+
+@pytest.mark.slow  # every trainer of the comparison at toy size (~1.5 min)
+def test_compare_alignment_fills_one_row_per_method(tmp_path):
+    from configs.compare_alignment import get_config as alignment_config
+    from ptjax.recipes import compare_alignment
+
+    c = alignment_config()
+    c.model.preset = "tiny"
+    c.train.update(seq_len=48, batch_size=8)
+    c.demo.update(pretrain_texts=200, sft_examples=200, eval_examples=8)
+    c.demo.pretrain.train.steps = 2
+    c.demo.sft.train.steps = 2
+    r = c.demo.rlhf
+    r.update(preference_prompts=64, ppo_prompts=32)
+    r.reward_model.train.update(steps=2, batch_size=8)
+    r.reward_model.eval.max_batches = 1
+    a = c.alignment
+    a.sample_prompts = 8
+    a.ppo.train.update(steps=1, batch_size=8)
+    a.grpo.train.update(steps=1, batch_size=2)
+    a.dpo.train.update(steps=2, batch_size=4)
+    a.dpo.eval.max_batches = 1
+    a.rows = [row for row in a.rows if row[0] in ("ppo graded", "grpo rm", "dpo")]
+    summary = compare_alignment.run(c, str(tmp_path / "cmp"))
+    assert list(summary["rows"]) == ["sft", "ppo graded", "grpo rm", "dpo"]
+    assert summary["rows"]["sft"]["kl_to_sft"] == 0.0
+    for row in summary["rows"].values():
+        assert {"accuracy", "accuracy_add", "reward_model_score", "grade", "kl_to_sft"} <= set(row)
+        assert np.isfinite(row["kl_to_sft"])
+    table = open(tmp_path / "cmp" / "table.md").read()
+    assert "| grpo rm |" in table and "kl_to_sft" in table

@@ -116,3 +116,21 @@ def test_optimizer_name_read_at_run_time():
         c.name = "".join(list(name))
         assert c.name is not name
         optim.make_optimizer(c, {"w": jnp.ones(2)}, 10)
+
+
+def test_lr_by_path_gives_matching_leaves_their_own_learning_rate():
+    """Adam's first step moves every coordinate by lr (sign of the gradient): the head's group
+    moves by its own lr, the rest by optim.lr, frozen holes stay holes."""
+    c = ml_collections.ConfigDict(base_config().optim.to_dict())
+    c.update(lr=1e-3, warmup_steps=0, final_lr_fraction=1.0, weight_decay=0.0, clip_norm=0.0,
+             lr_by_path=((r"^value_head/", 0.5),))
+    params = {"body": {"kernel": jnp.ones((3, 2))}, "value_head": {"kernel": jnp.ones((2, 1)),
+                                                                   "bias": jnp.zeros(1)},
+              "frozen": None}
+    grads = jax.tree.map(lambda x: jnp.full_like(x, -2.0), params)
+    tx = optim.make_optimizer(c, params, 10)
+    updates, _ = tx.update(grads, tx.init(params), params)
+    np.testing.assert_allclose(updates["body"]["kernel"], 1e-3, rtol=1e-4)
+    np.testing.assert_allclose(updates["value_head"]["kernel"], 0.5, rtol=1e-4)
+    np.testing.assert_allclose(updates["value_head"]["bias"], 0.5, rtol=1e-4)
+    assert updates["frozen"] is None

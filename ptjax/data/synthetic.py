@@ -8,6 +8,7 @@ no network, and everything is a deterministic function of the seed.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 
 import numpy as np
@@ -25,15 +26,16 @@ def _random_string(rng: np.random.Generator, alphabet: str, low: int, high: int)
 
 
 def add_task(rng: np.random.Generator) -> tuple[str, str]:
-    """`("23+45", "68")`: the sum of two integers in 0..99 (sized so the demo's few-million-
-    parameter model learns some of it in minutes)."""
-    a, b = (int(x) for x in rng.integers(0, 100, size=2))
+    """`("13+9", "22")`: the sum of two integers in 0..19 (sized so the demo's two-million-
+    parameter model learns about half of it in its minutes of pretraining; two-digit operands
+    stayed under 0.1)."""
+    a, b = (int(x) for x in rng.integers(0, 20, size=2))
     return f"{a}+{b}", str(a + b)
 
 
 def reverse_task(rng: np.random.Generator) -> tuple[str, str]:
-    """`("reverse abc", "cba")` for a lowercase string of length 3..5."""
-    text = _random_string(rng, LETTERS, 3, 5)
+    """`("reverse abc", "cba")` for a lowercase string of length 3..4."""
+    text = _random_string(rng, LETTERS, 3, 4)
     return f"reverse {text}", text[::-1]
 
 
@@ -44,8 +46,8 @@ def sort_task(rng: np.random.Generator) -> tuple[str, str]:
 
 
 def count_task(rng: np.random.Generator) -> tuple[str, str]:
-    """`("count a in abcab", "2")`: a letter's occurrences in a 4..9-letter string over "abc"."""
-    text = _random_string(rng, COUNT_LETTERS, 4, 9)
+    """`("count a in abcab", "2")`: a letter's occurrences in a 3..6-letter string over "abc"."""
+    text = _random_string(rng, COUNT_LETTERS, 3, 6)
     letter = COUNT_LETTERS[int(rng.integers(0, len(COUNT_LETTERS)))]
     return f"count {letter} in {text}", str(text.count(letter))
 
@@ -192,3 +194,37 @@ def grade(task: str, prediction: str, answer: str) -> float:
     if task not in TASKS:
         raise ValueError(f"unknown task {task!r}")
     return -float(edit_distance(prediction, answer))
+
+
+def solve(prompt: str) -> tuple[str, str]:
+    """(task, right answer) of an `instruction_prompt` of one of `TASKS` (a ValueError names a
+    prompt that is none of them), so a reward function can grade a response from its prompt
+    alone, as a verifiable task's checker does."""
+    question = prompt.strip().removeprefix("Q:").removesuffix("A:").strip()
+    if m := re.fullmatch(r"(\d+)\+(\d+)", question):
+        return "add", str(int(m[1]) + int(m[2]))
+    if m := re.fullmatch(r"reverse ([a-z]+)", question):
+        return "reverse", m[1][::-1]
+    if m := re.fullmatch(r"sort (\d+)", question):
+        return "sort", "".join(sorted(m[1]))
+    if m := re.fullmatch(r"count ([a-z]) in ([a-z]+)", question):
+        return "count", str(m[2].count(m[1]))
+    raise ValueError(f"not a demo task prompt: {prompt!r}")
+
+
+def graded_reward(prompt: str, response: str) -> float:
+    """`1 / (1 - grade)` of a response to a demo prompt: 1.0 when right, falling towards 0 the
+    further off it is, as a `module:function` reward for PPO and GRPO
+    (`ptjax.data.synthetic:graded_reward`).
+
+    Why this form: it orders responses exactly as `grade` does (the rankings the demo's reward
+    model learns from), so it is that reward model's verifiable counterpart, but bounded, so
+    one unparsable answer to a large sum does not dominate a batch's statistics.
+    """
+    task, answer = solve(prompt)
+    return 1.0 / (1.0 - grade(task, response, answer))
+
+
+def exact_reward(prompt: str, response: str) -> float:
+    """1.0 for the right answer to a demo prompt, else 0.0 (`ptjax.data.synthetic:exact_reward`)."""
+    return float(response.strip() == solve(prompt)[1])

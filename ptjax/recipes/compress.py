@@ -28,6 +28,7 @@ from ptjax import prune, quant
 from ptjax import tree as ptree
 from ptjax.models import llama
 from ptjax.train import trainer
+from ptjax.train.config import with_overrides
 
 
 def text_ids(source: str, tokenizer) -> np.ndarray:
@@ -103,24 +104,6 @@ def stored_bytes(params) -> int:
     return ptree.nbytes(without_masks)
 
 
-def variant_config(config, overrides: str) -> ml_collections.ConfigDict:
-    """`config` with `"a.b=value,c.d=value"` applied; values take the type of the key's default
-    and an unknown key fails with its name."""
-    c = ml_collections.ConfigDict(config.to_dict())
-    for item in filter(None, overrides.split(",")):
-        key, _, value = item.partition("=")
-        *sections, name = key.strip().split(".")
-        node = c
-        for section in sections:
-            node = node[section]
-        if name not in node:
-            raise KeyError(f"compress variant {overrides!r}: unknown config key {key!r}")
-        default = node[name]
-        node[name] = (value.lower() in ("1", "true") if isinstance(default, bool)
-                      else type(default)(value))
-    return c
-
-
 def needs_training(c) -> bool:
     """QAT and gradual pruning change weights by fine-tuning; everything else is one-shot."""
     return bool(c.quant.qat and c.quant.method) or prune.is_gradual(c.prune)
@@ -167,7 +150,7 @@ def compare(config, workdir: str, params, model_cfg, variants, calibration, eval
         if name in rows:
             continue
         started = time.time()
-        c = variant_config(config, overrides)
+        c = with_overrides(config, overrides, f"compress variant {name!r}")
         compressed = compress(c, params, model_cfg, calibration,
                               os.path.join(workdir, name.replace(" ", "_").replace(":", "-")),
                               train_examples, tokenizer)

@@ -42,8 +42,10 @@ def ranked_pairs(params, cfg, tokenizer, items, *, temperature: float, seed: int
     return records, len(records) / max(len(items), 1)
 
 
-def run(config, workdir: str, sft_result: trainer.Result, tokenizer, eval_items, accuracy_fn):
-    """The `reward_model` and `ppo` rows of the demo summary (see the module docstring)."""
+def reward_model_stage(config, workdir: str, sft_result: trainer.Result, tokenizer):
+    """(reward-model result, its summary row, train pairs, held-out pairs): two sampled answers
+    per prompt from the SFT model ranked by `data.grade`, and the reward model trained on them
+    from the SFT weights (in WORKDIR/reward_model)."""
     r = config.demo.rlhf
     cfg, params = sft_result.model_cfg, sft_result.params
     started = time.time()
@@ -60,6 +62,14 @@ def run(config, workdir: str, sft_result: trainer.Result, tokenizer, eval_items,
               "pairwise_accuracy": float(rm.metrics["eval/pairwise_accuracy"]),
               "eval_loss": float(rm.metrics["eval/loss"]),
               "stage_seconds": round(time.time() - started, 1)}
+    return rm, rm_row, train_pairs, eval_pairs
+
+
+def run(config, workdir: str, sft_result: trainer.Result, tokenizer, eval_items, accuracy_fn):
+    """The `reward_model` and `ppo` rows of the demo summary (see the module docstring)."""
+    r = config.demo.rlhf
+    cfg, params = sft_result.model_cfg, sft_result.params
+    rm, rm_row, _, _ = reward_model_stage(config, workdir, sft_result, tokenizer)
 
     started = time.time()
     ppo_cfg = demo.stage_config(config, r.ppo, method="full")

@@ -20,6 +20,7 @@ import time
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 from tqdm import tqdm
 
@@ -44,6 +45,12 @@ def reward_function(spec: str):
     except (ImportError, AttributeError) as e:
         raise ValueError(f"ppo.reward_fn: cannot import {spec!r} ({e})") from None
     return fn
+
+
+def text_scorer(spec: str):
+    """`score(prompts, responses) -> list of floats` from the reward function `spec` names."""
+    fn = reward_function(spec)
+    return lambda prompts, responses: [float(fn(p, r)) for p, r in zip(prompts, responses)]
 
 
 def model_scorer(reward_params, reward_cfg, policy_cfg):
@@ -134,6 +141,19 @@ def restore_or_start(mngr, state, shardings, initial: dict):
     return saved.replace(frozen=ptree.merge(saved.frozen, state.frozen)), start, dict(data_state)
 
 
+def with_value_lr(config):
+    """`config` whose optimizer gives the value head its own peak learning rate `ppo.value_lr`.
+
+    Why: the head starts from random weights on a pretrained body and must fit returns within
+    a few hundred steps; at the policy's learning rate (1e-5-ish) it barely moves, the values
+    stay near zero and the advantages lose their prompt-dependent baseline.
+    """
+    c = ml_collections.ConfigDict(config.to_dict())
+    c.optim.lr_by_path = ((f"^{ppo.VALUE_HEAD}/", float(config.ppo.value_lr)),
+                          *config.optim.lr_by_path)
+    return c
+
+
 def train(config, workdir: str, prompts: list, tokenizer, init_params, model_cfg, *,
           score_texts=None, score_tokens=None, show_progress: bool = True) -> trainer.Result:
     """Run (or resume) PPO from `init_params` on `prompts` (strings or int32 id arrays).
@@ -155,7 +175,8 @@ def train(config, workdir: str, prompts: list, tokenizer, init_params, model_cfg
     prompt_len = max(len(p) for p in prompt_ids)
     add_value_head = lambda p, c, k: heads.add_head(p, c, k, name=ppo.VALUE_HEAD)  # noqa: E731
     state, shardings, _, tx = trainer.initial_state(
-        config, cfg, mesh, rules, init_params, tokenizer, add_value_head, f"^{ppo.VALUE_HEAD}/")
+        with_value_lr(config), cfg, mesh, rules, init_params, tokenizer, add_value_head,
+        f"^{ppo.VALUE_HEAD}/")
     reference = frozen_reference(state.params, drop=(ppo.VALUE_HEAD,))
     generate_fn = sampling.make_generate_fn(
         cfg, pc.max_new_tokens, pc.temperature, pc.top_k, pc.top_p,
@@ -262,6 +283,5 @@ def run(config, workdir: str) -> trainer.Result:
         rm_params, rm_cfg = reward_recipe.load_reward_model(pc.reward_model)
         scorer = dict(score_tokens=model_scorer(rm_params, rm_cfg, model_cfg))
     else:
-        fn = reward_function(pc.reward_fn)
-        scorer = dict(score_texts=lambda ps, rs: [float(fn(p, r)) for p, r in zip(ps, rs)])
+        scorer = dict(score_texts=text_scorer(pc.reward_fn))
     return train(config, workdir, prompts, tokenizer, init_params, model_cfg, **scorer)

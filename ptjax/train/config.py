@@ -30,6 +30,30 @@ def method_options(arg, config_file: str) -> tuple[str, str]:
     return method, options.get("quant", "")
 
 
+def with_overrides(config, overrides: str, what: str) -> ml_collections.ConfigDict:
+    """A copy of `config` with `"a.b=value,c.d=value"` applied.
+
+    Why: comparison recipes (`compare_compression`, `compare_alignment`) describe each row as
+    settings laid over one config. Values take the type of the key's default, and an unknown key
+    fails naming `what` (the row) and the key.
+    """
+    c = ml_collections.ConfigDict(config.to_dict())
+    for item in filter(None, overrides.split(",")):
+        key, _, value = item.partition("=")
+        *sections, name = key.strip().split(".")
+        node = c
+        for section in sections:
+            if section not in node:
+                raise KeyError(f"{what}: unknown config key {key.strip()!r}")
+            node = node[section]
+        if name not in node:
+            raise KeyError(f"{what}: unknown config key {key.strip()!r}")
+        default = node[name]
+        node[name] = (value.lower() in ("1", "true") if isinstance(default, bool)
+                      else type(default)(value))
+    return c
+
+
 def base_config() -> ml_collections.ConfigDict:
     """Defaults for a supervised fine-tuning run of the demo-sized model."""
     c = ml_collections.ConfigDict()
@@ -74,6 +98,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.optim.eps = 1e-8
     c.optim.clip_norm = 1.0
     c.optim.momentum = 0.0  # sgd only
+    c.optim.lr_by_path = ()  # ((path regex, peak lr), ...): parameter groups with their own lr
 
     # Quantization (ptjax.quant), applied to the base before any PEFT method wraps it.
     c.quant = ml_collections.ConfigDict()
