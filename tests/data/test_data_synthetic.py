@@ -18,7 +18,7 @@ QUESTION_PATTERNS = {
     "add": re.compile(r"^(\d{1,3})\+(\d{1,3})$"),
     "reverse": re.compile(r"^reverse ([a-z]{3,8})$"),
     "sort": re.compile(r"^sort (\d{3,8})$"),
-    "count": re.compile(r"^count ([abc]) in ([abc]{4,12})$"),
+    "count": re.compile(r"^count ([abc]) in ([abc]{3,12})$"),
 }
 
 STATEMENT_PATTERNS = {
