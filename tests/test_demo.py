@@ -22,21 +22,27 @@ def test_grade_orders_answers_by_closeness():
     assert D.edit_distance("kitten", "sitting") == 3 and D.edit_distance("", "ab") == 2
 
 
+def toy_sized(c, steps: int, rm_eval_batches: int):
+    """A demo-based config shrunk to the tiny model and a few steps per stage."""
+    c.model.preset = "tiny"
+    c.train.update(seq_len=48, batch_size=8)
+    c.demo.update(pretrain_texts=200, sft_examples=200, eval_examples=8)
+    c.demo.pretrain.train.steps = steps
+    c.demo.sft.train.steps = steps
+    r = c.demo.rlhf
+    r.update(preference_prompts=64, ppo_prompts=32)
+    r.reward_model.train.update(steps=steps, batch_size=8)
+    r.reward_model.eval.max_batches = rm_eval_batches
+    return c
+
+
 @pytest.mark.slow  # the demo's wiring at toy size (~1 min); the demo itself is README's first command
 def test_demo_runs_every_stage(tmp_path):
     from ptjax.recipes import demo
 
-    c = get_config()
-    c.model.preset = "tiny"
-    c.train.update(seq_len=48, batch_size=8)
-    c.demo.update(pretrain_texts=200, sft_examples=200, eval_examples=8)
+    c = toy_sized(get_config(), steps=4, rm_eval_batches=2)
     c.demo.stages = [("sft", "full", 1e-3, "")]
-    c.demo.pretrain.train.steps = 4
-    c.demo.sft.train.steps = 4
     r = c.demo.rlhf
-    r.update(preference_prompts=64, ppo_prompts=32)
-    r.reward_model.train.update(steps=4, batch_size=8)
-    r.reward_model.eval.max_batches = 2
     r.ppo.train.update(steps=2, batch_size=16)
     r.ppo.ppo.max_new_tokens = 8
     workdir = str(tmp_path / "demo")
@@ -89,16 +95,7 @@ def test_compare_alignment_fills_one_row_per_method(tmp_path):
     from configs.compare_alignment import get_config as alignment_config
     from ptjax.recipes import compare_alignment
 
-    c = alignment_config()
-    c.model.preset = "tiny"
-    c.train.update(seq_len=48, batch_size=8)
-    c.demo.update(pretrain_texts=200, sft_examples=200, eval_examples=8)
-    c.demo.pretrain.train.steps = 2
-    c.demo.sft.train.steps = 2
-    r = c.demo.rlhf
-    r.update(preference_prompts=64, ppo_prompts=32)
-    r.reward_model.train.update(steps=2, batch_size=8)
-    r.reward_model.eval.max_batches = 1
+    c = toy_sized(alignment_config(), steps=2, rm_eval_batches=1)
     a = c.alignment
     a.sample_prompts = 8
     a.ppo.train.update(steps=1, batch_size=8)

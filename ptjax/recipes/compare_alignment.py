@@ -35,6 +35,8 @@ from ptjax.train import trainer
 from ptjax.train.config import with_overrides
 
 TRAINERS = ("ppo", "dpo", "grpo")
+# One compiled program for every row's measurement (a jit per call would recompile each time).
+_token_logprobs = jax.jit(policy_lib.token_logprobs, static_argnames=("cfg", "temperature"))
 
 
 def sampled_measures(params, sft_params, cfg, tokenizer, items, score_tokens, *,
@@ -47,10 +49,9 @@ def sampled_measures(params, sft_params, cfg, tokenizer, items, score_tokens, *,
                                             tokenizer.pad_id)
     ro = ppo_recipe.rollout(generate_fn, params, prompts, tokenizer, tokenizer.pad_id,
                             jax.random.key(seed), max(len(p) for p in prompts))
-    logprobs = jax.jit(functools.partial(policy_lib.token_logprobs, cfg=cfg,
-                                         temperature=temperature))
-    log_ratio = (np.asarray(logprobs(params, tokens=ro.tokens, mask=ro.mask))
-                 - np.asarray(logprobs(sft_params, tokens=ro.tokens, mask=ro.mask)))
+    logprobs = lambda p: np.asarray(_token_logprobs(p, cfg, ro.tokens, ro.mask,  # noqa: E731
+                                                    temperature=temperature))
+    log_ratio = logprobs(params) - logprobs(sft_params)
     grades = [D.grade(task, response, answer)
               for (task, _, answer), response in zip(items, ro.responses)]
     return {"reward_model_score": float(np.mean(score_tokens(ro.tokens, ro.mask))),
