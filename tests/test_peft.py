@@ -184,7 +184,9 @@ def test_accumulated_microbatches_draw_their_own_dropout_masks():
     g0, g1 = grad_sum(jax.random.fold_in(rng, 0)), grad_sum(jax.random.fold_in(rng, 1))
     tokens = 2 * micro["loss_mask"].sum()
     want = jax.tree.map(lambda a, b: (np.asarray(a) + np.asarray(b)) / tokens, g0, g1)
-    chex.assert_trees_all_close(applied, want, rtol=1e-4, atol=1e-7)
+    # atol: float32 rounding of entries where the two microbatches' gradients nearly cancel, one
+    # millionth of the largest entry (~0.2); using one key twice moves entries by ~1e-4.
+    chex.assert_trees_all_close(applied, want, rtol=1e-4, atol=1e-6)
     diff = max(float(np.abs(np.asarray(a) - np.asarray(b)).max())
                for a, b in zip(jax.tree.leaves(g0), jax.tree.leaves(g1)))
     assert diff > 1e-3  # the two microbatches really used different masks
@@ -194,7 +196,7 @@ def test_accumulated_microbatches_draw_their_own_dropout_masks():
     applied = jax.tree.map(lambda a, b: np.asarray(b) - np.asarray(a), new.trainable,
                            state.trainable)
     want = jax.tree.map(lambda a: np.asarray(a) / micro["loss_mask"].sum(), g0)
-    chex.assert_trees_all_close(applied, want, rtol=1e-4, atol=1e-7)
+    chex.assert_trees_all_close(applied, want, rtol=1e-4, atol=1e-6)
 
 
 @pytest.fixture(scope="module")
@@ -214,7 +216,7 @@ def test_method_trains_only_its_parameters_and_lowers_loss(method, warm_base):
     cfg = peft_cfg(method, freeze="^(embed|layers_0)/" if method == "full" else "",
                    num_virtual=8, reparam_hidden=32 if method == "prefix" else 0)
     params, trainable = peft.apply(warm_base, CFG, cfg, jax.random.key(2))
-    tx = optax.adam({"prompt": 3e-1, "ptuning": 3e-2, "prefix": 3e-2}.get(method, 1e-2))
+    tx = optax.adam({"prompt": 1e-1, "ptuning": 3e-2, "prefix": 3e-2}.get(method, 1e-2))
     state = state_lib.create(params, ptree.select(params, trainable), tx, seed=0)
     n_train = ptree.count(state.trainable)
     assert 0 < n_train < ptree.count(params)
