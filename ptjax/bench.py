@@ -236,7 +236,7 @@ def prefill_fn(cfg: ModelConfig, max_new_tokens: int):
     def fn(params, tokens, mask):
         b, p = tokens.shape
         mask = mask.astype(jnp.int32)
-        params = prompts.finalize(params)
+        params = sampling.inference_params(params, cfg)
         embeds, positions, prefix = prompts.model_inputs(params, cfg, tokens,
                                                          sampling.positions_from_mask(mask))
         cache = llama.init_cache(cfg, b, p + max_new_tokens, prefix=prefix)

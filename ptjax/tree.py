@@ -11,6 +11,7 @@ import re
 from typing import Any, Callable
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 PyTree = Any
@@ -93,3 +94,22 @@ def count(tree: PyTree) -> int:
 def nbytes(tree: PyTree) -> int:
     """Bytes held by all array leaves, for optimizer-state and checkpoint accounting."""
     return int(sum(np.prod(np.shape(x)) * np.dtype(x.dtype).itemsize for x in jax.tree.leaves(tree)))
+
+
+# Float matrices that only ever feed a matmul: kernels, and the base a node wraps. Lookup tables
+# (read by `ops.embed` in float32) and quantized nodes' codes and scales are not among them.
+MATMUL_WEIGHTS = r"/kernel(/base)*$"
+
+
+def cast_matmul_weights(tree: PyTree, dtype) -> PyTree:
+    """`tree` with its `MATMUL_WEIGHTS` float matrices stored in `dtype` (the compute dtype).
+
+    Why: every matmul casts its weight to the compute dtype anyway, so the results are the same,
+    but a copy kept in it costs half the memory and no cast per use: a frozen base in a train
+    step, every weight in every step of a decode loop. Vectors (norm scales, biases), lookup
+    tables and quantized codes and scales keep their dtypes.
+    """
+    return jax.tree.map(
+        lambda x, matmul: x.astype(dtype)
+        if matmul and x.ndim >= 2 and jnp.issubdtype(x.dtype, jnp.floating) else x,
+        tree, select(tree, MATMUL_WEIGHTS))

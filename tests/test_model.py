@@ -49,6 +49,21 @@ def test_cached_decoding_equals_full_forward():
     assert np.abs(np.asarray(other[:, -1] - full[:, -1])).max() > 1e-3
 
 
+def test_bfloat16_cache_holds_bits_and_decodes_like_the_full_forward():
+    """A bf16 model's cache is uint16 (bf16 bits, written in place); decoding through it gives
+    the bf16 full forward's logits (the same bf16 keys and values, summed in another order)."""
+    cfg = dataclasses.replace(CFG, dtype="bfloat16")
+    tokens = jax.random.randint(jax.random.key(1), (2, 9), 3, CFG.vocab_size)
+    cache = llama.init_cache(cfg, 2, 12)
+    chex.assert_type([cache["layers_0"]["k"], cache["layers_0"]["v"]], jnp.uint16)
+    full = forward(PARAMS, cfg, tokens)
+    inc = _incremental_logits(PARAMS, cfg, tokens, jnp.ones((2, 9), bool), [4, 1, 1, 3])
+    scale = float(np.abs(np.asarray(full)).max())
+    np.testing.assert_allclose(inc, full, rtol=0, atol=0.02 * scale)
+    # The float32 model is a different model by more than that rounding.
+    assert np.abs(np.asarray(forward(PARAMS, CFG, tokens)) - np.asarray(full)).max() > 1e-4
+
+
 def test_left_padded_rows_equal_unpadded_rows():
     seqs = [np.array([5, 9, 14, 20, 7, 3]), np.array([11, 4, 8])]
     width = 6

@@ -11,11 +11,6 @@ import optax
 
 from ptjax import tree as ptree
 
-# Frozen float matrices that only ever feed a matmul: kernels, and the base a node wraps. Lookup
-# tables (read by `ops.embed` in float32) and quantized nodes' codes and scales keep their dtypes.
-MATMUL_WEIGHTS = r"/kernel(/base)*$"
-
-
 @flax.struct.dataclass
 class TrainState:
     """Everything a step reads and writes, and everything a checkpoint must hold.
@@ -45,14 +40,11 @@ def create(params, trainable_mask, tx: optax.GradientTransformation, seed: int,
     takes half the memory and no per-step cast (how adapter training keeps a 7B base small).
     Vectors (norm scales, biases) and the embedding table keep their dtype: the table is read by
     a lookup in float32, not by a matmul, so rounding it would change the model. So do the codes,
-    scales and offsets of quantized weights (`MATMUL_WEIGHTS` names what is cast).
+    scales and offsets of quantized weights (`tree.MATMUL_WEIGHTS` names what is cast).
     """
     trainable, frozen = ptree.split(params, trainable_mask)
     if frozen_matmul_dtype is not None:
-        frozen = jax.tree.map(
-            lambda x, matmul: x.astype(frozen_matmul_dtype)
-            if matmul and x.ndim >= 2 and jnp.issubdtype(x.dtype, jnp.floating) else x,
-            frozen, ptree.select(frozen, MATMUL_WEIGHTS))
+        frozen = ptree.cast_matmul_weights(frozen, frozen_matmul_dtype)
     return TrainState(step=jnp.zeros((), jnp.int32), trainable=trainable, frozen=frozen,
                       opt_state=tx.init(trainable),
                       rng=jax.random.key_data(jax.random.key(seed)))
