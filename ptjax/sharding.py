@@ -148,3 +148,12 @@ def initialize_distributed(coordinator: str = "", num_processes: int = 0, proces
     elif any(k in os.environ for k in ("SLURM_JOB_ID", "OMPI_COMM_WORLD_SIZE", "TPU_WORKER_ID",
                                        "CLOUD_TPU_TASK_ID")):
         jax.distributed.initialize()
+
+
+def check_rows_split(mesh, rows: int, what: str):
+    """Refuse batches whose rows the mesh's data-parallel devices cannot split evenly; `what`
+    names the config keys that set `rows`."""
+    devices = mesh.shape["data"] * mesh.shape["fsdp"]
+    if rows % devices:
+        raise ValueError(f"{what} = {rows} rows per batch, which {devices} data-parallel "
+                         "devices cannot split evenly")

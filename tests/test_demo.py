@@ -98,13 +98,13 @@ def test_compare_alignment_fills_one_row_per_method(tmp_path):
     c = toy_sized(alignment_config(), steps=2, rm_eval_batches=1)
     a = c.alignment
     a.sample_prompts = 8
-    a.ppo.train.update(steps=1, batch_size=8)
+    a.ppo.train.update(steps=1, batch_size=16)  # 2 minibatches of 8 rows over 8 test devices
     a.grpo.train.update(steps=1, batch_size=2)
-    a.dpo.train.update(steps=2, batch_size=4)
+    a.dpo.train.update(steps=2, batch_size=8)
     a.dpo.eval.max_batches = 1
     a.rows = [row for row in a.rows if row[0] in ("ppo graded", "grpo rm", "dpo")]
     summary = compare_alignment.run(c, str(tmp_path / "cmp"))
-    assert list(summary["rows"]) == ["sft", "ppo graded", "grpo rm", "dpo"]
+    assert list(summary["rows"]) == ["sft", "grpo rm", "dpo", "ppo graded"]  # config order
     assert summary["rows"]["sft"]["kl_to_sft"] == 0.0
     for row in summary["rows"].values():
         assert {"accuracy", "accuracy_add", "reward_model_score", "grade", "kl_to_sft"} <= set(row)

@@ -61,3 +61,12 @@ def test_spec_for_drops_axes_that_do_not_divide():
 def test_mesh_size_mismatch_is_explained():
     with pytest.raises(ValueError, match="needs 16 devices"):
         sharding.make_mesh({"data": 4, "fsdp": 2, "tensor": 2})
+
+
+def test_batch_rows_the_mesh_cannot_split_are_refused_by_name():
+    """4 rows over data 2 x fsdp 2 split; 6 rows do not, and the error names the config key
+    (the trainer checks `train.batch_size` before placing any batch)."""
+    mesh = sharding.make_mesh({"data": 2, "fsdp": 2, "tensor": 2})
+    sharding.check_rows_split(mesh, 4, "train.batch_size")
+    with pytest.raises(ValueError, match=r"train.batch_size = 6 rows .* 4 data-parallel"):
+        sharding.check_rows_split(mesh, 6, "train.batch_size")

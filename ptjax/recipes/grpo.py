@@ -57,7 +57,7 @@ def train(config, workdir: str, prompts: list, tokenizer, init_params, model_cfg
                          f"divisible by grpo.minibatches ({gc.minibatches})")
     mesh = sharding.make_mesh(config.mesh.to_dict())
     rules = [tuple(r) for r in config.sharding_rules]
-    ppo_recipe.check_rows_split(mesh, rows_per_iteration // gc.minibatches,
+    sharding.check_rows_split(mesh, rows_per_iteration // gc.minibatches,
                                 "train.batch_size * grpo.group_size / grpo.minibatches")
     prompt_ids = [np.asarray(p, np.int32) if not isinstance(p, str) else encode_prompt(p, tokenizer)
                   for p in prompts]

@@ -115,14 +115,6 @@ def plot_curves(workdir: str, prefix: str = "ppo"):
     return path
 
 
-def check_rows_split(mesh, rows: int, what: str):
-    """Refuse minibatches whose rows cannot be split over the mesh's data-parallel devices."""
-    devices = mesh.shape["data"] * mesh.shape["fsdp"]
-    if rows % devices:
-        raise ValueError(f"{what} = {rows} rows per minibatch, which {devices} data-parallel "
-                         "devices cannot split evenly")
-
-
 def frozen_reference(params, drop=()):
     """None when the policy has adapters (the reference is the policy with them off, the same
     base arrays), else a copy of the starting policy (full fine-tuning needs one)."""
@@ -169,7 +161,7 @@ def train(config, workdir: str, prompts: list, tokenizer, init_params, model_cfg
     if tc.batch_size % pc.minibatches:
         raise ValueError(f"train.batch_size ({tc.batch_size}) must be divisible by "
                          f"ppo.minibatches ({pc.minibatches})")
-    check_rows_split(mesh, tc.batch_size // pc.minibatches, "train.batch_size / ppo.minibatches")
+    sharding.check_rows_split(mesh, tc.batch_size // pc.minibatches, "train.batch_size / ppo.minibatches")
     prompt_ids = [np.asarray(p, np.int32) if not isinstance(p, str) else encode_prompt(p, tokenizer)
                   for p in prompts]
     prompt_len = max(len(p) for p in prompt_ids)

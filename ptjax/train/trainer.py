@@ -209,6 +209,7 @@ def train(config, workdir: str, train_examples=None, eval_examples=(), init_para
     if tc.batch_size % tc.grad_accum:
         raise ValueError(f"train.batch_size ({tc.batch_size}) must be divisible by "
                          f"train.grad_accum ({tc.grad_accum})")
+    sharding.check_rows_split(mesh, tc.batch_size, "train.batch_size")
 
     objective = objective or sft_objective(config, train_examples, eval_examples)
     calibration = None
