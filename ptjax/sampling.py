@@ -133,8 +133,7 @@ def inference_params(params, cfg: ModelConfig):
     """`params` as a decode loop reads them: P-tuning encoders and prefix MLPs run once
     (`prompts.finalize`), and matmul weights cast once to the compute dtype
     (`tree.cast_matmul_weights`), not in every step of the loop (float32 master weights in a
-    bfloat16 decode step were a cast of every weight per token), and q/k/v and gate/up fused
-    into one matmul each (`llama.fuse_projections`)."""
+    bfloat16 decode step were a cast of every weight per token)."""
     return ptree.cast_matmul_weights(prompts.finalize(params), cfg.compute_dtype)
 
 

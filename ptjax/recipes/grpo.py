@@ -58,7 +58,7 @@ def train(config, workdir: str, prompts: list, tokenizer, init_params, model_cfg
     mesh = sharding.make_mesh(config.mesh.to_dict())
     rules = [tuple(r) for r in config.sharding_rules]
     sharding.check_rows_split(mesh, rows_per_iteration // gc.minibatches,
-                                "train.batch_size * grpo.group_size / grpo.minibatches")
+                              "train.batch_size * grpo.group_size / grpo.minibatches")
     prompt_ids = [np.asarray(p, np.int32) if not isinstance(p, str) else encode_prompt(p, tokenizer)
                   for p in prompts]
     prompt_len = max(len(p) for p in prompt_ids)

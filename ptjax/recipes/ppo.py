@@ -161,7 +161,8 @@ def train(config, workdir: str, prompts: list, tokenizer, init_params, model_cfg
     if tc.batch_size % pc.minibatches:
         raise ValueError(f"train.batch_size ({tc.batch_size}) must be divisible by "
                          f"ppo.minibatches ({pc.minibatches})")
-    sharding.check_rows_split(mesh, tc.batch_size // pc.minibatches, "train.batch_size / ppo.minibatches")
+    sharding.check_rows_split(mesh, tc.batch_size // pc.minibatches,
+                              "train.batch_size / ppo.minibatches")
     prompt_ids = [np.asarray(p, np.int32) if not isinstance(p, str) else encode_prompt(p, tokenizer)
                   for p in prompts]
     prompt_len = max(len(p) for p in prompt_ids)
