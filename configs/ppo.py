@@ -9,8 +9,9 @@
 `ppo.prompts` is JSONL with a `prompt` field; `train.steps` is the number of iterations and
 `train.batch_size` the prompts per iteration (one response each). With `peft=lora` (also with
 `quant=nf4`) the reference is the base with the adapters off: one copy of the weights. The
-value head sits on the policy's body. A reward function is `module:function` taking
-`(prompt, response)` strings and returning a float.
+value head sits on the policy's body; `ppo.critic=separate` trains a second, full-precision
+model as the critic instead, started from the reward model as in InstructGPT. A reward
+function is `module:function` taking `(prompt, response)` strings and returning a float.
 """
 
 import ml_collections
@@ -40,10 +41,19 @@ def ppo_defaults() -> ml_collections.ConfigDict:
     p.lam = 0.95
     p.clip_eps = 0.2
     p.clip_eps_value = 0.2
-    p.value_coef = 0.1
+    p.value_coef = 0.1  # shared critic: the value loss's weight in the policy step
+    # "shared": a value head on the policy's body (reading it through a stop-gradient);
+    # "separate": a second full model, started from ppo.reward_model when there is one
+    # (InstructGPT), its body trained at critic_lr and its head at value_lr.
+    p.critic = "shared"
+    p.critic_lr = 1e-5
     p.value_lr = 1e-3  # the value head's own peak learning rate (it starts from random weights)
     p.entropy_coef = 0.0
     p.missing_eos_penalty = -1.0  # added to the score of responses that never emit EOS
+    # > 0: before the first update, the scores of this many responses of the starting policy
+    # set a bias and gain that make them mean 0, std 1 (Ziegler et al.), so kl_coef is in
+    # units of the reward's spread whatever the reward model's scale; 0 = raw scores.
+    p.score_normalization_samples = 0
     return p
 
 

@@ -91,10 +91,16 @@ def param_shardings(params, mesh: Mesh, rules):
     def array_sharding(axes, leaf):
         return NamedSharding(mesh, spec_for(axes, np.shape(leaf), mesh, rules))
 
+    def part_sharding(v, axes):
+        if ptree.is_weight_node(v):
+            return node_sharding(v, axes)
+        if not jax.tree.leaves(v):  # a part an optimizer state leaves out (optax.MaskedNode)
+            return v
+        return array_sharding(axes, v)
+
     def node_sharding(node, axes):
         parts = node.part_axes(axes)
-        return node.map_parts(lambda name, v: node_sharding(v, parts[name])
-                              if ptree.is_weight_node(v) else array_sharding(parts[name], v))
+        return node.map_parts(lambda name, v: part_sharding(v, parts[name]))
 
     def one(path, leaf):
         if ptree.is_weight_node(leaf):

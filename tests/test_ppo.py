@@ -150,3 +150,93 @@ def test_value_loss_trains_the_head_only():
             assert not np.asarray(g).any(), path
     body = jax.grad(policy_part)(params)["layers_0"]["attn"]["q"]["kernel"]
     assert np.abs(np.asarray(body)).max() > 0
+
+
+def test_separate_critic_starts_from_the_reward_model_and_trains_its_body():
+    """`critic_start` turns a reward model into the critic (its score head becomes the value
+    head, nothing else changes), and the value loss's gradient reaches the critic's body."""
+    rm = ppo_recipe.heads.add_head(llama.init_params(CFG, jax.random.key(2)), CFG,
+                                   jax.random.key(3), name="score_head")
+    critic, cfg = ppo_recipe.critic_start((rm, CFG), llama.init_params(CFG, jax.random.key(0)),
+                                          CFG)
+    assert cfg is CFG and "score_head" not in critic
+    assert critic[ppo.VALUE_HEAD] is rm["score_head"]
+    assert critic["layers_0"] is rm["layers_0"]
+    tokens = jnp.asarray([TOK.encode("abcdefgh")], jnp.int32)
+    mask = jnp.ones_like(tokens)
+    values = ppo.critic_values(critic, CFG, tokens, mask)
+    h = policy.hidden(critic, CFG, tokens, mask)
+    head = rm["score_head"]
+    np.testing.assert_allclose(np.asarray(values)[0, 1:],
+                               np.asarray(h[0, :-1] @ head["kernel"] + head["bias"])[:, 0],
+                               rtol=1e-5, atol=1e-5)
+    grads = jax.grad(lambda p: jnp.sum(ppo.critic_values(p, CFG, tokens, mask) ** 2))(critic)
+    assert np.abs(np.asarray(grads["layers_0"]["attn"]["q"]["kernel"])).max() > 0
+    fresh, _ = ppo_recipe.critic_start(None, {**rm, ppo.VALUE_HEAD: rm["score_head"]}, CFG)
+    assert ppo.VALUE_HEAD not in fresh  # the policy's own value head is not reused
+
+
+def test_ppo_with_a_separate_critic_raises_the_reward_and_resumes(tmp_path):
+    """`ppo.critic=separate`: the policy has no value head, the critic is trained (its body
+    moves) and checkpointed with the policy, and a rerun resumes both (and the score
+    normalization)."""
+    prompts = [f"q{i}: " for i in range(32)]
+    workdir = str(tmp_path / "ppo")
+    params = llama.init_params(CFG, jax.random.key(0))
+
+    def config(steps):
+        c = _config(steps)
+        c.ppo.update(critic="separate", critic_lr=1e-2, score_normalization_samples=32)
+        return c
+
+    first = ppo_recipe.train(config(4), workdir, prompts, TOK, params, CFG,
+                             score_tokens=even_fraction, show_progress=False)
+    assert ppo.VALUE_HEAD not in first.params
+    result = ppo_recipe.train(config(8), workdir, prompts, TOK, params, CFG,
+                              score_tokens=even_fraction, show_progress=False)
+    rows = [json.loads(line) for line in open(os.path.join(workdir, "metrics.jsonl"))]
+    rows = [r for r in rows if "ppo/score" in r]
+    assert [r["step"] for r in rows] == list(range(1, 9))
+    scores = [r["ppo/score"] for r in rows]
+    assert np.mean(scores[-3:]) > np.mean(scores[:3]) + 0.1, scores
+    assert all(r["ppo/critic_grad_norm"] > 0 and np.isfinite(r["ppo/value_loss"]) for r in rows)
+    assert ppo.VALUE_HEAD not in result.params
+    # The checkpoint holds the critic beside the policy; its body has moved from the start.
+    import orbax.checkpoint as ocp
+
+    mngr = ppo_recipe.checkpoint.manager(workdir, async_save=False)
+    restored = mngr.restore(8, args=ocp.args.Composite(state=ocp.args.StandardRestore(),
+                                                       data=ocp.args.JsonRestore()))
+    first_data = mngr.restore(4, args=ocp.args.Composite(data=ocp.args.JsonRestore()))["data"]
+    mngr.close()
+    saved, data = restored["state"], restored["data"]
+    # The score normalization is computed once, before the first update, and kept on resume.
+    assert data["score_gain"] != 1.0 and data["score_bias"] != 0.0
+    assert (data["score_gain"], data["score_bias"]) == (first_data["score_gain"],
+                                                        first_data["score_bias"])
+    assert set(saved) == {"policy", "critic"}
+    critic_q = np.asarray(saved["critic"]["trainable"]["layers_0"]["attn"]["q"]["kernel"])
+    assert not np.allclose(critic_q, np.asarray(params["layers_0"]["attn"]["q"]["kernel"]))
+    assert ppo.VALUE_HEAD in saved["critic"]["trainable"]
+    assert ppo.VALUE_HEAD not in saved["policy"]["trainable"]
+
+
+def test_score_normalization_gives_the_starting_scores_mean_0_std_1():
+    """`score_normalization` scores `n` prompts in batches (cycling when there are fewer) and
+    returns the bias and gain that standardize exactly those scores (numpy float64)."""
+    rng = np.random.default_rng(0)
+    table = rng.normal(3.0, 5.0, size=10)
+    seen = []
+
+    def sample(ids, i):
+        seen.append((i, list(ids)))
+        return ids
+
+    bias, gain = ppo_recipe.score_normalization(lambda ids: table[np.asarray(ids)], sample,
+                                                list(range(10)), 12, 4)
+    assert [i for i, _ in seen] == [0, 4, 8] and seen[-1][1] == [8, 9, 0, 1]
+    expected = table[[j % 10 for j in range(12)]].astype(np.float64)
+    np.testing.assert_allclose(bias, -expected.mean(), rtol=1e-6)
+    np.testing.assert_allclose(gain, 1.0 / expected.std(), rtol=1e-6)
+    normalized = (expected + bias) * gain
+    np.testing.assert_allclose([normalized.mean(), normalized.std()], [0.0, 1.0], atol=1e-6)

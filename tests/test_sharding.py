@@ -70,3 +70,30 @@ def test_batch_rows_the_mesh_cannot_split_are_refused_by_name():
     sharding.check_rows_split(mesh, 4, "train.batch_size")
     with pytest.raises(ValueError, match=r"train.batch_size = 6 rows .* 4 data-parallel"):
         sharding.check_rows_split(mesh, 6, "train.batch_size")
+
+
+def test_optimizer_state_of_adapters_with_learning_rate_groups_has_matching_shardings():
+    """LoRA factors under `optim.lr_by_path` groups: each group's optax state leaves the other
+    groups' factors out (MaskedNode inside a LoRA node); their shardings must leave them out
+    too, or restoring a checkpoint into the state's structure fails (LoRA PPO, whose value
+    head has its own group, could not start)."""
+    import ml_collections
+
+    from ptjax import checkpoint, peft
+    from ptjax.train import optim
+    from ptjax.train.config import base_config
+
+    c = base_config()
+    c.peft.method = "lora"
+    params, trainable = peft.apply(llama.init_params(CFG, jax.random.key(0)), CFG, c.peft,
+                                   jax.random.key(1))
+    mask = ptree.trainable_mask(params, trainable)
+    optim_cfg = ml_collections.ConfigDict(c.optim.to_dict())
+    optim_cfg.lr_by_path = ((r"layers_0/", 1e-2),)
+    tx = optim.make_optimizer(optim_cfg, ptree.split(params, mask)[0], 10)
+    create = functools.partial(state_lib.create, trainable_mask=mask, tx=tx, seed=0)
+    abstract = jax.eval_shape(create, params)
+    mesh = sharding.make_mesh({"data": 1, "fsdp": 1, "tensor": 1}, jax.devices()[:1])
+    shardings = sharding.param_shardings(abstract, mesh, sharding.DEFAULT_RULES)
+    target = checkpoint.abstract_like(abstract, shardings)
+    assert jax.tree.structure(target) == jax.tree.structure(abstract)

@@ -59,16 +59,17 @@ def sampled_measures(params, sft_params, cfg, tokenizer, items, score_tokens, *,
             "kl_to_sft": float(np.mean(np.sum(log_ratio * ro.response, axis=1)))}
 
 
-def train_row(c, kind: str, workdir: str, sft: trainer.Result, tokenizer, score_tokens,
-              train_pairs, eval_pairs, prompts) -> trainer.Result:
-    """One row's training run from the SFT weights (see the module docstring)."""
+def train_row(c, kind: str, workdir: str, sft: trainer.Result, tokenizer, rm: trainer.Result,
+              score_tokens, train_pairs, eval_pairs, prompts) -> trainer.Result:
+    """One row's training run from the SFT weights (see the module docstring); a separate PPO
+    critic starts from the reward model `rm` when that is the reward."""
     cfg, params = sft.model_cfg, sft.params
     if kind == "dpo":
         return dpo_recipe.run(c, workdir, train_pairs, eval_pairs, init_params=params,
                               model_cfg=cfg, tokenizer=tokenizer)
     if kind == "ppo":
         scorer = (dict(score_texts=ppo_recipe.text_scorer(c.ppo.reward_fn)) if c.ppo.reward_fn
-                  else dict(score_tokens=score_tokens))
+                  else dict(score_tokens=score_tokens, critic_init=(rm.params, rm.model_cfg)))
         return ppo_recipe.train(c, workdir, prompts, tokenizer, params, cfg, **scorer)
     if c.grpo.reward_fns:
         names, score = grpo_recipe.weighted_text_rewards(c.grpo.reward_fns, c.grpo.reward_weights)
@@ -119,7 +120,7 @@ def run(config, workdir: str) -> dict:
         c = with_overrides(demo.stage_config(config, a[kind], method="full"), overrides,
                            f"alignment.rows {name!r}")
         result = train_row(c, kind, os.path.join(workdir, name.replace(" ", "_")), sft,
-                           tokenizer, score_tokens, train_pairs, eval_pairs, prompts)
+                           tokenizer, rm, score_tokens, train_pairs, eval_pairs, prompts)
         params = peft.finalize(result.params, c.peft)
         rows[name] = {**accuracy(params, sft.model_cfg), **measure(params),
                       "seconds": round(time.time() - row_started, 1)}

@@ -77,7 +77,7 @@ def run(config, workdir: str, sft_result: trainer.Result, tokenizer, eval_items,
     scorer = ppo_recipe.model_scorer(rm.params, cfg, cfg)
     ppo_dir = os.path.join(workdir, "ppo")
     result = ppo_recipe.train(ppo_cfg, ppo_dir, prompts, tokenizer, params, cfg,
-                              score_tokens=scorer)
+                              score_tokens=scorer, critic_init=(rm.params, rm.model_cfg))
     rows = [row for row in metrics.read(ppo_dir) if "ppo/score" in row]
     last = rows[-max(1, len(rows) // 10):]  # the final tenth of the iterations
     ppo_row = {"mean_reward": float(np.mean([row["ppo/score"] for row in last])),

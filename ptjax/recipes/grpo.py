@@ -78,7 +78,9 @@ def train(config, workdir: str, prompts: list, tokenizer, init_params, model_cfg
             cfg, tx, tc.grad_accum, shardings, batch_sharding, mesh)
     mngr = checkpoint.manager(workdir, keep=config.checkpoint.keep,
                               async_save=config.checkpoint.async_save)
-    state, start, _ = ppo_recipe.restore_or_start(mngr, state, shardings, {"beta": gc.beta})
+    states, start, _ = ppo_recipe.restore_or_start(mngr, {"policy": state}, {"policy": shardings},
+                                                   {"beta": gc.beta})
+    state = states["policy"]
     log = metrics_lib.MetricsLog(workdir, resume_step=start)
     keys = jax.random.fold_in(jax.random.key(config.seed), 5)
     order = np.random.default_rng(config.seed).permutation(len(prompt_ids))
@@ -131,7 +133,8 @@ def train(config, workdir: str, prompts: list, tokenizer, init_params, model_cfg
             last = row
             bar.set_postfix(score=f"{row['grpo/score']:.3f}")
             if (it + 1) % config.checkpoint.every == 0 or it + 1 == tc.steps:
-                checkpoint.save(mngr, it + 1, trainer.saved_part(state, False), {"step": it + 1})
+                checkpoint.save(mngr, it + 1, {"policy": trainer.saved_part(state, False)},
+                                {"step": it + 1})
         bar.close()
     mngr.wait_until_finished()
     mngr.close()

@@ -34,6 +34,9 @@ from ptjax.train import policy as policy_lib
 from ptjax.train import ppo, reward, rl_math, trainer
 
 
+CRITICS = ("shared", "separate")
+
+
 def reward_function(spec: str):
     """The Python function `module:function` names: `fn(prompt: str, response: str) -> float`
     (verifiable tasks: exact answers, unit tests, format checks)."""
@@ -92,6 +95,21 @@ def rollout(generate_fn, params, prompt_ids, tokenizer, pad_id, rng, prompt_len:
                    responses=responses)
 
 
+def score_normalization(score_of, sample, prompt_ids: list, n: int, batch: int):
+    """(bias, gain) that give the starting policy's scores mean 0 and standard deviation 1:
+    `score_of(sample(prompts, index))` over the first `n` prompts, `batch` at a time.
+
+    Why (Ziegler et al.; InstructGPT): a reward model's scale is arbitrary (a Bradley-Terry
+    head is only defined up to a shift, and its spread grows with training), while the KL
+    coefficient is in reward units; normalized, `ppo.kl_coef` means the same for any reward
+    model. The statistics are fixed before the first update and checkpointed.
+    """
+    scores = np.concatenate([score_of(sample([prompt_ids[j % len(prompt_ids)]
+                                              for j in range(i, i + batch)], i))
+                             for i in range(0, n, batch)])
+    return float(-scores.mean()), float(1.0 / max(scores.std(), 1e-6))
+
+
 def plot_curves(workdir: str, prefix: str = "ppo"):
     """WORKDIR/{prefix}.png: mean score and mean per-sequence KL against iteration."""
     import matplotlib
@@ -123,14 +141,19 @@ def frozen_reference(params, drop=()):
     return jax.tree.map(jnp.copy, {k: v for k, v in params.items() if k not in drop})
 
 
-def restore_or_start(mngr, state, shardings, initial: dict):
-    """(state, first iteration, loop data) from the newest checkpoint, or the fresh state."""
-    restored = checkpoint.restore_latest(mngr, checkpoint.abstract_like(
-        trainer.saved_part(state, False), trainer.saved_part(shardings, False)))
+def restore_or_start(mngr, states: dict, shardings: dict, initial: dict):
+    """(states, first iteration, loop data) from the newest checkpoint, or the fresh `states`
+    (a dict of TrainStates: the policy, and a separate critic when there is one)."""
+    def saved(tree):
+        return {k: trainer.saved_part(s, False) for k, s in tree.items()}
+
+    restored = checkpoint.restore_latest(mngr, checkpoint.abstract_like(saved(states),
+                                                                        saved(shardings)))
     if restored is None:
-        return state, 0, dict(initial)
+        return states, 0, dict(initial)
     start, saved, data_state = restored
-    return saved.replace(frozen=ptree.merge(saved.frozen, state.frozen)), start, dict(data_state)
+    return ({k: saved[k].replace(frozen=ptree.merge(saved[k].frozen, s.frozen))
+             for k, s in states.items()}, start, dict(data_state))
 
 
 def with_value_lr(config):
@@ -146,16 +169,48 @@ def with_value_lr(config):
     return c
 
 
+def critic_config(config):
+    """The separate critic's run config: every weight trained in full precision (no PEFT,
+    quantization or pruning, whatever the policy has), the body at `ppo.critic_lr` and the value
+    head at `ppo.value_lr`."""
+    c = with_value_lr(config)
+    c.peft.method = "full"
+    c.quant.method = ""
+    c.prune.method = ""
+    c.optim.lr = float(config.ppo.critic_lr)
+    return c
+
+
+def critic_start(critic_init, init_params, model_cfg):
+    """(params, model config) the separate critic starts from: `critic_init` (a reward model's
+    `(params, cfg)`, its score head becoming the value head, as in InstructGPT) or, when None,
+    the policy's starting weights without a value head (`initial_state` adds a fresh one)."""
+    if critic_init is None:
+        return {k: v for k, v in init_params.items() if k != ppo.VALUE_HEAD}, model_cfg
+    params, cfg = critic_init
+    params = dict(params)
+    if reward.HEAD in params:
+        params[ppo.VALUE_HEAD] = params.pop(reward.HEAD)
+    return params, cfg
+
+
 def train(config, workdir: str, prompts: list, tokenizer, init_params, model_cfg, *,
-          score_texts=None, score_tokens=None, show_progress: bool = True) -> trainer.Result:
+          score_texts=None, score_tokens=None, critic_init=None,
+          show_progress: bool = True) -> trainer.Result:
     """Run (or resume) PPO from `init_params` on `prompts` (strings or int32 id arrays).
 
     Scores come from `score_tokens(tokens, mask) -> [b]` (a reward model) or
-    `score_texts(prompts, responses) -> [b]` (a function of the decoded text).
+    `score_texts(prompts, responses) -> [b]` (a function of the decoded text). With
+    `ppo.critic=separate` the critic starts from `critic_init` (a reward model's `(params, cfg)`)
+    or, when None, from `init_params` (`critic_start`).
     """
     trainer.write_config(config, workdir)
     pc, tc = config.ppo, config.train
     cfg = model_cfg
+    if pc.critic not in CRITICS:
+        raise ValueError(f"ppo.critic: {pc.critic!r} is not one of {CRITICS}")
+    separate = pc.critic == "separate"
+    critic_cfg = None
     mesh = sharding.make_mesh(config.mesh.to_dict())
     rules = [tuple(r) for r in config.sharding_rules]
     if tc.batch_size % pc.minibatches:
@@ -167,15 +222,23 @@ def train(config, workdir: str, prompts: list, tokenizer, init_params, model_cfg
                   for p in prompts]
     prompt_len = max(len(p) for p in prompt_ids)
     add_value_head = lambda p, c, k: heads.add_head(p, c, k, name=ppo.VALUE_HEAD)  # noqa: E731
-    state, shardings, _, tx = trainer.initial_state(
-        with_value_lr(config), cfg, mesh, rules, init_params, tokenizer, add_value_head,
-        f"^{ppo.VALUE_HEAD}/")
-    reference = frozen_reference(state.params, drop=(ppo.VALUE_HEAD,))
+    policy_init = {k: v for k, v in init_params.items() if k != ppo.VALUE_HEAD}
+    states, state_shardings = {}, {}
+    states["policy"], state_shardings["policy"], _, tx = trainer.initial_state(
+        with_value_lr(config), cfg, mesh, rules, policy_init if separate else init_params,
+        tokenizer, None if separate else add_value_head, "" if separate else f"^{ppo.VALUE_HEAD}/")
+    if separate:
+        critic_params, critic_cfg = critic_start(critic_init, init_params, cfg)
+        states["critic"], state_shardings["critic"], _, critic_tx = trainer.initial_state(
+            critic_config(config), critic_cfg, mesh, rules, critic_params, tokenizer,
+            None if ppo.VALUE_HEAD in critic_params else add_value_head)
+    reference = frozen_reference(states["policy"].params, drop=(ppo.VALUE_HEAD,))
     generate_fn = sampling.make_generate_fn(
         cfg, pc.max_new_tokens, pc.temperature, pc.top_k, pc.top_p,
         sampling.tokenizer_stop_ids(tokenizer), tokenizer.pad_id)
     stats_fn = jax.jit(functools.partial(ppo.rollout_statistics, model_cfg=cfg,
-                                         temperature=pc.temperature))
+                                         temperature=pc.temperature,
+                                         critic_cfg=critic_cfg))
     adv_fn = jax.jit(functools.partial(ppo.advantages, kl_kind=pc.kl_kind, gamma=pc.gamma,
                                        lam=pc.lam))
     batch_sharding = sharding.batch_sharding(mesh, rules, ndim=1)
@@ -184,18 +247,40 @@ def train(config, workdir: str, prompts: list, tokenizer, init_params, model_cfg
             functools.partial(ppo.update_step, temperature=pc.temperature, clip_eps=pc.clip_eps,
                               clip_eps_value=pc.clip_eps_value, value_coef=pc.value_coef,
                               entropy_coef=pc.entropy_coef),
-            cfg, tx, tc.grad_accum, shardings, batch_sharding, mesh)
+            cfg, tx, tc.grad_accum, state_shardings["policy"], batch_sharding, mesh)
+        if separate:
+            critic_fn = trainer.jit_train_step(
+                functools.partial(ppo.critic_step, clip_eps_value=pc.clip_eps_value),
+                critic_cfg, critic_tx, tc.grad_accum, state_shardings["critic"], batch_sharding,
+                mesh)
 
     mngr = checkpoint.manager(workdir, keep=config.checkpoint.keep,
                               async_save=config.checkpoint.async_save)
-    state, start, loop = restore_or_start(mngr, state, shardings, {"beta": float(pc.kl_coef)})
+    states, start, loop = restore_or_start(mngr, states, state_shardings,
+                                           {"beta": float(pc.kl_coef), "score_bias": 0.0,
+                                            "score_gain": 1.0})
+    state = states["policy"]
     beta = float(loop["beta"])
     log = metrics_lib.MetricsLog(workdir, resume_step=start)
     keys = jax.random.fold_in(jax.random.key(config.seed), 4)
     b, mb = tc.batch_size, tc.batch_size // pc.minibatches
     order = np.random.default_rng(config.seed).permutation(len(prompt_ids))
+
+    def score_of(ro: Rollout) -> np.ndarray:
+        if score_tokens is not None:
+            return np.asarray(score_tokens(ro.tokens, ro.mask), np.float32)
+        return np.asarray(score_texts(ro.prompts, ro.responses), np.float32)
+
+    norm_keys = jax.random.fold_in(jax.random.key(config.seed), 6)
     last: dict = {}
     with sharding.use(mesh, rules):
+        if start == 0 and pc.score_normalization_samples:
+            loop["score_bias"], loop["score_gain"] = score_normalization(
+                score_of, lambda ids, i: rollout(generate_fn, state.params, ids, tokenizer,
+                                                 tokenizer.pad_id,
+                                                 jax.random.fold_in(norm_keys, i), prompt_len),
+                [prompt_ids[i] for i in order], int(pc.score_normalization_samples), b)
+        bias, gain = float(loop.get("score_bias", 0.0)), float(loop.get("score_gain", 1.0))
         bar = tqdm(range(start, tc.steps), initial=start, total=tc.steps, desc="ppo",
                    disable=not show_progress or jax.process_index() != 0, dynamic_ncols=True)
         for it in bar:
@@ -205,15 +290,13 @@ def train(config, workdir: str, prompts: list, tokenizer, init_params, model_cfg
             ro = rollout(generate_fn, state.params, [prompt_ids[i] for i in picks], tokenizer,
                          tokenizer.pad_id, jax.random.fold_in(key, 0), prompt_len)
             t1 = time.perf_counter()
-            if score_tokens is not None:
-                score = np.asarray(score_tokens(ro.tokens, ro.mask), np.float32)
-            else:
-                score = np.asarray(score_texts(ro.prompts, ro.responses), np.float32)
-            raw_score = score.copy()
-            score = score + np.where(ro.done, 0.0, pc.missing_eos_penalty).astype(np.float32)
+            raw_score = score_of(ro)
+            score = ((raw_score + bias) * gain
+                     + np.where(ro.done, 0.0, pc.missing_eos_penalty)).astype(np.float32)
             t2 = time.perf_counter()
             batch = {"tokens": ro.tokens, "mask": ro.mask, "response": ro.response}
-            stats = stats_fn(state.params, reference, batch)
+            stats = stats_fn(state.params, reference, batch,
+                             critic=states["critic"].params if separate else None)
             adv = adv_fn(stats, score, ro.response, beta=beta)
             full = jax.device_get({**batch, **stats, "advantages": adv["advantages"],
                                    "returns": adv["returns"]})
@@ -224,8 +307,16 @@ def train(config, workdir: str, prompts: list, tokenizer, init_params, model_cfg
                     idx = perm[j * mb:(j + 1) * mb]
                     minibatch = trainer.to_device({k: v[idx] for k, v in full.items()},
                                                   batch_sharding)
-                    state, m = update_fn(state, minibatch, jax.random.fold_in(key, 1 + epoch * 97 + j))
+                    step_key = jax.random.fold_in(key, 1 + epoch * 97 + j)
+                    state, m = update_fn(state, minibatch, step_key)
+                    if separate:
+                        states["critic"], cm = critic_fn(states["critic"], minibatch,
+                                                         jax.random.fold_in(step_key, 1))
+                        m = {**m, "value_loss": cm["value_loss"],
+                             "value_clip_fraction": cm["value_clip_fraction"],
+                             "critic_grad_norm": cm["grad_norm"]}
                     epoch_metrics.append(m)
+            states["policy"] = state
             epoch_metrics = jax.device_get(epoch_metrics)
             t3 = time.perf_counter()
             kl = float(np.mean(jax.device_get(adv["kl"])))
@@ -237,16 +328,17 @@ def train(config, workdir: str, prompts: list, tokenizer, init_params, model_cfg
                     stats["old_values"], adv["returns"], ro.response)),
                 "time/generate_s": t1 - t0, "time/score_s": t2 - t1, "time/train_s": t3 - t2,
                 **{f"ppo/{k}": float(np.mean([m[k] for m in epoch_metrics]))
-                   for k in ("policy_loss", "value_loss", "entropy", "clip_fraction", "approx_kl",
-                             "value_clip_fraction", "grad_norm")}}
+                   for k in epoch_metrics[0] if k != "loss"}}
             if pc.adaptive_kl:
                 beta = float(rl_math.adaptive_kl_coef(beta, kl, pc.kl_target, pc.kl_horizon, b))
             log.write(it + 1, row)
             last = row
             bar.set_postfix(score=f"{row['ppo/score']:.3f}", kl=f"{kl:.2f}")
             if (it + 1) % config.checkpoint.every == 0 or it + 1 == tc.steps:
-                checkpoint.save(mngr, it + 1, trainer.saved_part(state, False),
-                                {"step": it + 1, "beta": beta})
+                checkpoint.save(mngr, it + 1,
+                                {k: trainer.saved_part(s, False) for k, s in states.items()},
+                                {"step": it + 1, "beta": beta, "score_bias": bias,
+                                 "score_gain": gain})
         bar.close()
     mngr.wait_until_finished()
     mngr.close()
@@ -274,7 +366,8 @@ def run(config, workdir: str) -> trainer.Result:
     model_cfg, init_params, tokenizer, _ = sft.load_base(config)
     if pc.reward_model:
         rm_params, rm_cfg = reward_recipe.load_reward_model(pc.reward_model)
-        scorer = dict(score_tokens=model_scorer(rm_params, rm_cfg, model_cfg))
+        scorer = dict(score_tokens=model_scorer(rm_params, rm_cfg, model_cfg),
+                      critic_init=(rm_params, rm_cfg))
     else:
         scorer = dict(score_texts=text_scorer(pc.reward_fn))
     return train(config, workdir, prompts, tokenizer, init_params, model_cfg, **scorer)

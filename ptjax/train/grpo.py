@@ -30,7 +30,8 @@ def rollout_logprobs(params, reference, batch, *, model_cfg, temperature: float,
     out = {"old_logp": policy.token_logprobs(params, model_cfg, batch["tokens"], batch["mask"],
                                              temperature=temperature)}
     if with_reference:
-        out["ref_logp"] = policy.token_logprobs(policy.reference(params, reference), model_cfg, batch["tokens"], batch["mask"],
+        out["ref_logp"] = policy.token_logprobs(policy.reference(params, reference), model_cfg,
+                                                batch["tokens"], batch["mask"],
                                                 temperature=temperature)
     return out
 
