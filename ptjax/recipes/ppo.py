@@ -259,7 +259,7 @@ def train(config, workdir: str, prompts: list, tokenizer, init_params, model_cfg
     states, start, loop = restore_or_start(mngr, states, state_shardings,
                                            {"beta": float(pc.kl_coef), "score_bias": 0.0,
                                             "score_gain": 1.0})
-    state = states["policy"]
+    state, critic = states["policy"], states.get("critic")
     beta = float(loop["beta"])
     log = metrics_lib.MetricsLog(workdir, resume_step=start)
     keys = jax.random.fold_in(jax.random.key(config.seed), 4)
@@ -274,13 +274,13 @@ def train(config, workdir: str, prompts: list, tokenizer, init_params, model_cfg
     norm_keys = jax.random.fold_in(jax.random.key(config.seed), 6)
     last: dict = {}
     with sharding.use(mesh, rules):
+        bias, gain = float(loop.get("score_bias", 0.0)), float(loop.get("score_gain", 1.0))
         if start == 0 and pc.score_normalization_samples:
-            loop["score_bias"], loop["score_gain"] = score_normalization(
+            bias, gain = score_normalization(
                 score_of, lambda ids, i: rollout(generate_fn, state.params, ids, tokenizer,
                                                  tokenizer.pad_id,
                                                  jax.random.fold_in(norm_keys, i), prompt_len),
                 [prompt_ids[i] for i in order], int(pc.score_normalization_samples), b)
-        bias, gain = float(loop.get("score_bias", 0.0)), float(loop.get("score_gain", 1.0))
         bar = tqdm(range(start, tc.steps), initial=start, total=tc.steps, desc="ppo",
                    disable=not show_progress or jax.process_index() != 0, dynamic_ncols=True)
         for it in bar:
@@ -296,7 +296,7 @@ def train(config, workdir: str, prompts: list, tokenizer, init_params, model_cfg
             t2 = time.perf_counter()
             batch = {"tokens": ro.tokens, "mask": ro.mask, "response": ro.response}
             stats = stats_fn(state.params, reference, batch,
-                             critic=states["critic"].params if separate else None)
+                             critic=None if critic is None else critic.params)
             adv = adv_fn(stats, score, ro.response, beta=beta)
             full = jax.device_get({**batch, **stats, "advantages": adv["advantages"],
                                    "returns": adv["returns"]})
@@ -309,14 +309,12 @@ def train(config, workdir: str, prompts: list, tokenizer, init_params, model_cfg
                                                   batch_sharding)
                     step_key = jax.random.fold_in(key, 1 + epoch * 97 + j)
                     state, m = update_fn(state, minibatch, step_key)
-                    if separate:
-                        states["critic"], cm = critic_fn(states["critic"], minibatch,
-                                                         jax.random.fold_in(step_key, 1))
+                    if critic is not None:
+                        critic, cm = critic_fn(critic, minibatch, jax.random.fold_in(step_key, 1))
                         m = {**m, "value_loss": cm["value_loss"],
                              "value_clip_fraction": cm["value_clip_fraction"],
                              "critic_grad_norm": cm["grad_norm"]}
                     epoch_metrics.append(m)
-            states["policy"] = state
             epoch_metrics = jax.device_get(epoch_metrics)
             t3 = time.perf_counter()
             kl = float(np.mean(jax.device_get(adv["kl"])))
@@ -335,8 +333,9 @@ def train(config, workdir: str, prompts: list, tokenizer, init_params, model_cfg
             last = row
             bar.set_postfix(score=f"{row['ppo/score']:.3f}", kl=f"{kl:.2f}")
             if (it + 1) % config.checkpoint.every == 0 or it + 1 == tc.steps:
+                saved = {"policy": state} | ({} if critic is None else {"critic": critic})
                 checkpoint.save(mngr, it + 1,
-                                {k: trainer.saved_part(s, False) for k, s in states.items()},
+                                {k: trainer.saved_part(s, False) for k, s in saved.items()},
                                 {"step": it + 1, "beta": beta, "score_bias": bias,
                                  "score_gain": gain})
         bar.close()
