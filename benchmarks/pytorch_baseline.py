@@ -51,9 +51,11 @@ MODELS = {
 }
 
 
-def quantized_4bit(model: torch.nn.Module, compute_dtype: torch.dtype) -> torch.nn.Module:
-    """The model reloaded through transformers' bitsandbytes integration: NF4 with double
-    quantization (QLoRA's base), norms kept in float32, no gradient checkpointing."""
+def quantized_4bit(model: torch.nn.Module, compute_dtype: torch.dtype,
+                   device: str = "cpu") -> torch.nn.Module:
+    """The model reloaded through transformers' bitsandbytes integration onto `device`: NF4
+    with double quantization (QLoRA's base), norms kept in float32, no gradient
+    checkpointing."""
     import tempfile
 
     from peft import prepare_model_for_kbit_training
@@ -62,7 +64,7 @@ def quantized_4bit(model: torch.nn.Module, compute_dtype: torch.dtype) -> torch.
     with tempfile.TemporaryDirectory() as folder:
         model.save_pretrained(folder)
         model = AutoModelForCausalLM.from_pretrained(
-            folder, dtype=torch.float32, attn_implementation="sdpa",
+            folder, dtype=torch.float32, attn_implementation="sdpa", device_map={"": device},
             quantization_config=BitsAndBytesConfig(
                 load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
                 bnb_4bit_compute_dtype=compute_dtype))
@@ -70,12 +72,12 @@ def quantized_4bit(model: torch.nn.Module, compute_dtype: torch.dtype) -> torch.
 
 
 def build_model(method: str, name: str = "llama-56m",
-                compute_dtype: torch.dtype = torch.bfloat16) -> torch.nn.Module:
+                compute_dtype: torch.dtype = torch.bfloat16, device: str = "cpu") -> torch.nn.Module:
     config = LlamaConfig(**MODELS[name])
     config._attn_implementation = "sdpa"
     model = LlamaForCausalLM(config).to(torch.float32)
     if method == "qlora":
-        model = quantized_4bit(model, compute_dtype)
+        model = quantized_4bit(model, compute_dtype, device)
     if method in ("lora", "qlora"):
         from peft import LoraConfig, get_peft_model
 
@@ -110,8 +112,8 @@ def main() -> None:
     torch.manual_seed(args.seed)
 
     compute_dtype = torch.bfloat16 if args.dtype == "bfloat16" else torch.float32
-    model = build_model(args.method, args.model, compute_dtype)
-    if args.method != "qlora":  # bitsandbytes places its own weights
+    model = build_model(args.method, args.model, compute_dtype, args.device)
+    if args.method != "qlora":  # the quantized model was loaded onto the device
         model = model.to(args.device)
     params = [q for q in model.parameters() if q.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-4)

@@ -1,4 +1,4 @@
-"""PyTorch reference for greedy KV-cache generation (CPU), the peer of
+"""PyTorch reference for greedy KV-cache generation (CPU or CUDA), the peer of
 `python -m ptjax.bench --method=generate`.
 
 Builds a randomly initialised ``transformers.LlamaForCausalLM`` with the shape of one of
@@ -43,22 +43,28 @@ from transformers import LlamaConfig, LlamaForCausalLM
 DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
 
 
-def build_model(name: str, dtype: torch.dtype) -> LlamaForCausalLM:
-    """A randomly initialised Llama of preset `name` in eval mode, weights in `dtype`."""
+def build_model(name: str, dtype: torch.dtype, device: str = "cpu") -> LlamaForCausalLM:
+    """A randomly initialised Llama of preset `name` in eval mode, weights in `dtype` on
+    `device`."""
     config = LlamaConfig(**MODELS[name])
     config._attn_implementation = "sdpa"
-    model = LlamaForCausalLM(config).to(dtype).eval()
+    model = LlamaForCausalLM(config).to(device=device, dtype=dtype).eval()
     model.generation_config.pad_token_id = 0  # random prompts need no padding; silences a warning
     return model
 
 
 def timed_generate(model, ids, mask, new_tokens: int, runs: int, warmup: int) -> float:
     """Median seconds of `runs` greedy generate calls after `warmup` discarded ones."""
+    cuda = ids.device.type == "cuda"
     times = []
     for i in range(warmup + runs):
+        if cuda:
+            torch.cuda.synchronize()
         t = time.perf_counter()
         out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=new_tokens,
                              min_new_tokens=new_tokens, do_sample=False)
+        if cuda:  # kernels run asynchronously: wait for the last one before reading the clock
+            torch.cuda.synchronize()
         dt = time.perf_counter() - t
         if out.shape[1] != ids.shape[1] + new_tokens:
             raise RuntimeError(f"generate returned {out.shape[1] - ids.shape[1]} new tokens, "
@@ -80,6 +86,7 @@ def main() -> None:
     p.add_argument("--runs", type=int, default=5)
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args()
     if args.new_tokens < 2:
@@ -87,9 +94,9 @@ def main() -> None:
 
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
-    model = build_model(args.model, DTYPES[args.dtype])
+    model = build_model(args.model, DTYPES[args.dtype], args.device)
     vocab = model.config.vocab_size
-    ids = torch.randint(3, vocab, (args.batch, args.prompt_len))
+    ids = torch.randint(3, vocab, (args.batch, args.prompt_len)).to(args.device)
     mask = torch.ones_like(ids)
     with torch.inference_mode():
         total_s = timed_generate(model, ids, mask, args.new_tokens, args.runs, args.warmup)
@@ -107,7 +114,7 @@ def main() -> None:
         "total_s": round(total_s, 4),
         "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
         "threads": args.threads,
-        "device": "cpu",
+        "device": torch.cuda.get_device_name() if args.device == "cuda" else "cpu",
         "torch": torch.__version__,
         "transformers": transformers.__version__,
     }), flush=True)

@@ -4,7 +4,7 @@
     python launch.py --config=configs/compare_alignment.py --workdir=runs/alignment \
         --config.demo.base_dir=runs/demo/base   # reuse the demo's pretrained base
 
-The start is the demo's: base, full SFT, two sampled answers per prompt ranked by the graded
+The start is the demo's: base, full SFT, four sampled answers per prompt ranked by the graded
 ground truth, a reward model on those rankings. Rows: PPO and GRPO against that reward model,
 DPO and IPO on the ranked pairs themselves, and PPO, GRPO and RLOO with the ground truth as a
 verifiable reward (`ptjax.data.synthetic:graded_reward`). Each row is

@@ -5,7 +5,7 @@ Needs no files or network. Run:
     python launch.py --config=configs/demo.py --workdir=runs/demo
 
 Writes WORKDIR/summary.json with task accuracy before (base) and after fine-tuning (sft, LoRA,
-QLoRA), then the RLHF stages: two sampled answers per prompt from the SFT model ranked by a
+QLoRA), then the RLHF stages: four sampled answers per prompt from the SFT model ranked by a
 graded ground truth, a reward model trained on those rankings (`reward_model`: held-out
 pairwise accuracy) and PPO against it (`ppo`: accuracy, mean reward, KL to the SFT model;
 WORKDIR/ppo/ppo.png). Per-stage metrics.jsonl, TensorBoard events, loss.png and checkpoints
@@ -48,24 +48,30 @@ def get_config(arg=None):
         "optim": {"lr": 3e-3, "warmup_steps": 100},
         "eval": {"every": 200},
     })
-    # After SFT: two sampled answers per prompt ranked by a graded ground truth, a reward model
+    # After SFT: four sampled answers per prompt ranked by a graded ground truth, a reward model
     # on those rankings, then PPO against it ("" in `after` skips these stages).
     c.demo.rlhf = ml_collections.ConfigDict({
         "after": "sft",  # the fine-tuning stage RLHF continues from
         "preference_prompts": 4000,
+        "samples_per_prompt": 4,  # ranked together: up to 6 comparisons per prompt
         "sample_temperature": 1.0,
-        "held_out_fraction": 0.1,
+        "held_out_fraction": 0.1,  # of the prompts, with all their comparisons
         "ppo_prompts": 4000,
         "reward_model": {"reward": reward_defaults().to_dict(),
-                         # one pair per row: prompt (<= 28 tokens) and a sampled answer (<= 16
-                         # + EOS) fit in 48, far fewer than the 128 of packed SFT rows
-                         "train": {"steps": 300, "batch_size": 32, "seq_len": 48},
-                         "optim": {"lr": 3e-4, "warmup_steps": 30},
-                         "eval": {"every": 300, "max_batches": 8}},
-        "ppo": {"train": {"steps": 30, "batch_size": 64},
+                         # one pair per row: a prompt (<= 28 tokens) and the demo model's
+                         # answers (<= 8 + EOS) fit in 40, far fewer than the 128 of packed SFT
+                         # rows; a longer answer is cut, and the head reads its 40th token
+                         "train": {"steps": 300, "batch_size": 64, "seq_len": 40},
+                         "optim": {"lr": 1e-3, "warmup_steps": 30},
+                         "eval": {"every": 300, "max_batches": 16}},
+        # InstructGPT's PPO: scores normalized on the SFT model's answers first, and a separate
+        # critic started from the reward model (on a shared head, PPO fell to 0.475 here)
+        "ppo": {"train": {"steps": 45, "batch_size": 64},
                 "optim": {"lr": 2e-5, "warmup_steps": 0, "final_lr_fraction": 1.0},
-                "ppo": ppo_defaults().to_dict() | {"max_new_tokens": 16, "temperature": 0.7,
-                                                    "kl_coef": 0.2}},
+                "ppo": ppo_defaults().to_dict() | {
+                    "max_new_tokens": 16, "temperature": 0.7, "kl_coef": 0.2,
+                    "critic": "separate", "critic_lr": 1e-4,
+                    "score_normalization_samples": 256}},
     })
     c.demo.sft = ml_collections.ConfigDict({
         "train": {"steps": 150},

@@ -111,3 +111,14 @@ def test_compare_alignment_fills_one_row_per_method(tmp_path):
         assert np.isfinite(row["kl_to_sft"])
     table = open(tmp_path / "cmp" / "table.md").read()
     assert "| grpo rm |" in table and "kl_to_sft" in table
+
+
+def test_comparisons_pair_every_two_answers_of_different_grade():
+    from ptjax.recipes.demo_rlhf import comparisons
+
+    # 22 is right, 21 and 23 are one off (a tie), "x" is unparsable, the second 22 a repeat
+    got = comparisons("add", "Q: 13+9\nA: ", "22", ["21", "22", "x", "23", "22"])
+    pairs = sorted((r.chosen, r.rejected) for r in got)
+    assert pairs == [("21", "x"), ("22", "21"), ("22", "23"), ("22", "x"), ("23", "x")]
+    assert all(r.prompt == "Q: 13+9\nA: " for r in got)
+    assert comparisons("add", "Q: 1+1\nA: ", "2", ["3", "1"]) == []

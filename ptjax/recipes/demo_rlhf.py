@@ -1,8 +1,9 @@
 """The demo's RLHF stages after SFT: preference pairs from the SFT model, a reward model, PPO.
 
-InstructGPT's recipe on the demo's tasks. The SFT model answers each prompt twice (sampled);
-a graded ground truth (`data.grade`: numeric closeness, edit distance) ranks the two answers,
-standing in for a human labeller (ties are dropped), and the reward model learns those rankings
+InstructGPT's recipe on the demo's tasks. The SFT model answers each prompt K times (sampled);
+a graded ground truth (`data.grade`: numeric closeness, edit distance) ranks them, standing
+in for a human labeller (every two answers of different grade are one comparison; ties are
+dropped), and the reward model learns those rankings
 without ever seeing the right answer. PPO then optimizes the SFT model against the reward
 model with a KL penalty to it. Exact-match accuracy before (SFT) and after (PPO) is measured on
 the same held-out questions, with the ground truth the reward model never saw.
@@ -24,37 +25,51 @@ from ptjax.recipes import reward as reward_recipe
 from ptjax.train import metrics, trainer
 
 
-def ranked_pairs(params, cfg, tokenizer, items, *, temperature: float, seed: int,
+def comparisons(task: str, prompt: str, answer: str, responses) -> list:
+    """Every two distinct `responses` to one prompt whose `data.grade` differs, as preference
+    records with the better one chosen; ties (and repeats of one answer) give none."""
+    graded = {response: D.grade(task, response, answer) for response in responses}
+    ranked = sorted(graded.items(), key=lambda kv: -kv[1])
+    return [D.PreferenceRecord(prompt, better, worse)
+            for j, (better, g_better) in enumerate(ranked)
+            for worse, g_worse in ranked[j + 1:] if g_better > g_worse]
+
+
+def ranked_pairs(params, cfg, tokenizer, items, *, samples: int, temperature: float, seed: int,
                  max_new_tokens: int = 16):
-    """Preference records from two sampled answers per `(task, prompt, answer)` item, ordered
-    by `data.grade`; ties dropped. Also returns the share of items that gave a pair."""
+    """Per `(task, prompt, answer)` item, the `comparisons` among `samples` sampled answers,
+    and the share of items that gave at least one pair.
+
+    Why K answers per prompt: InstructGPT's labellers rank K = 4 to 9 responses at once, which
+    yields up to K(K-1)/2 comparisons for one prompt's sampling and labelling cost; two answers
+    give at most one. A list per item, so that held-out pairs can be split off by prompt.
+    """
     prompts = [D.encode_prompt(prompt, tokenizer) for _, prompt, _ in items]
-    first, second = (sampling.generate_from_ids(params, cfg, tokenizer, prompts,
-                                                max_new_tokens=max_new_tokens,
-                                                temperature=temperature, seed=seed + k,
-                                                batch_size=256) for k in range(2))
-    records = []
-    for (task, prompt, answer), a, b in zip(items, first, second):
-        ga, gb = D.grade(task, a, answer), D.grade(task, b, answer)
-        if ga != gb:
-            better, worse = (a, b) if ga > gb else (b, a)
-            records.append(D.PreferenceRecord(prompt, better, worse))
-    return records, len(records) / max(len(items), 1)
+    answers = [sampling.generate_from_ids(params, cfg, tokenizer, prompts,
+                                          max_new_tokens=max_new_tokens, temperature=temperature,
+                                          seed=seed + k, batch_size=256) for k in range(samples)]
+    per_item = [comparisons(task, prompt, answer, [sampled[i] for sampled in answers])
+                for i, (task, prompt, answer) in enumerate(items)]
+    return per_item, sum(bool(p) for p in per_item) / max(len(items), 1)
 
 
 def reward_model_stage(config, workdir: str, sft_result: trainer.Result, tokenizer):
-    """(reward-model result, its summary row, train pairs, held-out pairs): two sampled answers
-    per prompt from the SFT model ranked by `data.grade`, and the reward model trained on them
-    from the SFT weights (in WORKDIR/reward_model)."""
+    """(reward-model result, its summary row, train pairs, held-out pairs): the `comparisons`
+    among `samples_per_prompt` sampled answers per prompt from the SFT model, held out by
+    prompt, and the reward model trained on them from the SFT weights (in
+    WORKDIR/reward_model)."""
     r = config.demo.rlhf
     cfg, params = sft_result.model_cfg, sft_result.params
     started = time.time()
     items = D.eval_set(r.preference_prompts, config.seed + 7)
-    records, kept = ranked_pairs(params, cfg, tokenizer, items,
-                                 temperature=r.sample_temperature, seed=config.seed + 8)
+    per_item, kept = ranked_pairs(params, cfg, tokenizer, items, samples=r.samples_per_prompt,
+                                  temperature=r.sample_temperature, seed=config.seed + 8)
     rm_cfg = demo.stage_config(config, r.reward_model, method="full")
-    pairs = [P.encode_pair(rec, tokenizer, rm_cfg.train.seq_len) for rec in records]
-    train_pairs, eval_pairs = reward_recipe.split_pairs(pairs, r.held_out_fraction, config.seed)
+    # held out by prompt, so no held-out pair shares its prompt with a training pair
+    train_items, eval_items = reward_recipe.split_pairs(per_item, r.held_out_fraction, config.seed)
+    encode = lambda groups: [P.encode_pair(rec, tokenizer, rm_cfg.train.seq_len)  # noqa: E731
+                             for group in groups for rec in group]
+    train_pairs, eval_pairs = encode(train_items), encode(eval_items)
     rm = reward_recipe.run(rm_cfg, os.path.join(workdir, "reward_model"), train_pairs, eval_pairs,
                            init_params=params, model_cfg=cfg, tokenizer=tokenizer)
     rm_row = {"pairs": len(train_pairs), "held_out_pairs": len(eval_pairs),

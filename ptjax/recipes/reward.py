@@ -40,7 +40,8 @@ def reward_objective(config, train_pairs, eval_pairs) -> trainer.Objective:
 
 
 def split_pairs(pairs, fraction: float, seed: int):
-    """(train, held out): a seeded random `fraction` of the pairs held out for evaluation."""
+    """(train, held out): a seeded random `fraction` of the rows held out for evaluation (rows
+    are pairs, or a prompt's group of pairs when no held-out prompt may be trained on)."""
     order = np.random.default_rng(seed).permutation(len(pairs))
     n_eval = max(1, int(round(fraction * len(pairs)))) if fraction > 0 else 0
     return [pairs[i] for i in order[n_eval:]], [pairs[i] for i in order[:n_eval]]
