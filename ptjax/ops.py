@@ -89,7 +89,9 @@ dense.defvjp(_dense_fwd, _dense_bwd)
 def dense_t(x, w_t, dtype):
     """`x @ w_t^T` for x [..., in], w_t [out, in] (PyTorch's layout, e.g. a dequantized 4-bit
     weight), without materializing the transpose: both operands contract their last dim."""
-    return _dot(x.astype(dtype), w_t.astype(dtype), x.ndim - 1, 1).astype(dtype)
+    x2 = x.reshape(-1, x.shape[-1]).astype(dtype)
+    y = _few_rows(lambda a, dt: _dot(a, w_t.astype(dt), 1, 1), x2, dtype)
+    return y.astype(dtype).reshape(*x.shape[:-1], w_t.shape[0])
 
 
 def _dense_t_fwd(x, w_t, dtype):

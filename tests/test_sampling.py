@@ -107,6 +107,62 @@ def test_greedy_matches_uncached_reference_with_ragged_left_padding():
     assert len({tuple(t) for t, _ in REFERENCE}) == len(REFERENCE)
 
 
+def test_attention_over_the_filled_cache_blocks_matches_the_reference():
+    """30 new tokens after 16 prompt slots: a 46-slot cache of two blocks (32, 46), so the
+    decode steps move from attending over the first block to the whole cache mid-way."""
+    n_new = 30
+    assert llama.cache_blocks(16 + n_new) == [32, 46]
+    out = sampling.make_generate_fn(CFG, n_new, eos_id=-1)(PARAMS, TOKENS, MASK,
+                                                           jax.random.key(0))
+    for row, (tokens, logprobs) in enumerate(_reference(PROMPTS, n_new, eos_id=-1)):
+        np.testing.assert_array_equal(out["tokens"][row], tokens, err_msg=f"row {row}")
+        np.testing.assert_allclose(out["logprobs"][row], logprobs, atol=1e-4, err_msg=f"row {row}")
+
+
+@pytest.mark.parametrize("slots, blocks", [(24, [24]), (32, [32]), (46, [32, 46]),
+                                           (192, [32, 64, 96, 128, 160, 192]),
+                                           (1000, [125 * (j + 1) for j in range(8)])])
+def test_cache_blocks_end_at_the_whole_cache(slots, blocks):
+    assert llama.cache_blocks(slots) == blocks
+
+
+def test_decode_layout_transposes_plain_kernels_only():
+    """Kernels (also a LoRA's base) become [out, in] `OutInKernel`s whose matmul and
+    materialization equal the original's; vectors, embeddings and the adapter factors stay."""
+    from ptjax import ops
+    from ptjax.peft import lora
+
+    params = lora.inject(PARAMS, jax.random.key(1), rank=2, alpha=4.0,
+                         targets=r"attn/q/kernel$")
+    laid_out = sampling.decode_layout(params, batch=4)
+    q = laid_out["layers_0"]["attn"]["q"]["kernel"]
+    assert isinstance(q.base, sampling.OutInKernel) and q.a.ndim == 2
+    k = laid_out["layers_0"]["attn"]["k"]["kernel"]
+    assert isinstance(k, sampling.OutInKernel)
+    np.testing.assert_array_equal(k.kernel_t, np.asarray(PARAMS["layers_0"]["attn"]["k"]["kernel"]).T)
+    assert laid_out["embed"]["embedding"] is params["embed"]["embedding"]
+    x = jnp.asarray(np.random.default_rng(0).normal(size=(3, CFG.hidden)), jnp.float32)
+    for name in ("q", "k"):
+        want = ops.linear(x, params["layers_0"]["attn"][name]["kernel"], jnp.float32)
+        got = ops.linear(x, laid_out["layers_0"]["attn"][name]["kernel"], jnp.float32)
+        np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6)
+        np.testing.assert_array_equal(
+            ops.materialize(laid_out["layers_0"]["attn"][name]["kernel"]),
+            ops.materialize(params["layers_0"]["attn"][name]["kernel"]))
+    # a batch of hundreds of rows keeps the stored layout (slower transposed, see decode_layout)
+    assert sampling.decode_layout(params, batch=sampling.DECODE_LAYOUT_MAX_ROWS + 1) is params
+
+
+def test_decode_layout_keeps_large_weights_as_they_are(monkeypatch):
+    """The transposed copy holds the weights twice: past the byte limit they stay as stored."""
+    kernels = sum(x.nbytes for x in jax.tree.leaves(PARAMS) if x.ndim == 2) - \
+        PARAMS["embed"]["embedding"].nbytes
+    monkeypatch.setattr(sampling, "DECODE_LAYOUT_MAX_BYTES", kernels)
+    assert sampling.decode_layout(PARAMS, batch=4) is not PARAMS
+    monkeypatch.setattr(sampling, "DECODE_LAYOUT_MAX_BYTES", kernels - 1)
+    assert sampling.decode_layout(PARAMS, batch=4) is PARAMS
+
+
 EOS = REFERENCE[0][0][3]  # the token row 0 emits greedily at step 3, used as EOS below
 
 

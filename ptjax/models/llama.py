@@ -196,22 +196,57 @@ def attention_block(p, cfg: ModelConfig, x, rotary, mask, kv: dict | None, write
         new_kv = {name: jax.lax.dynamic_update_slice(kv[name], to_cache(new, kv[name].dtype),
                                                      (0, 0, 0, write_slot))
                   for name, new in (("k", k), ("v", v))}
-        k, v = from_cache(new_kv["k"]), from_cache(new_kv["v"])
-    elif kv is not None:  # prefix keys/values in front of this sequence's
+        out = _attend_filled(q, new_kv, mask, write_slot + s, kvh, g, dtype)
+        return ops.linear(out, p["o"]["kernel"], dtype, ops.fold_key(rng, 3)), new_kv
+    if kv is not None:  # prefix keys/values in front of this sequence's
         k = jnp.concatenate([kv["k"].astype(k.dtype), k], axis=-1)
         v = jnp.concatenate([kv["v"].astype(v.dtype), v], axis=-1)
     t = k.shape[-1]
     k = k.astype(dtype).reshape(b * kvh, hd, t)
     v = v.astype(dtype).reshape(b * kvh, hd, t)
-    if write_slot is not None:  # the cache's slots are not in key order: one block
-        out = _attend(q, k, v, mask, kvh, g, dtype)
-    else:  # keys are [prefix, sequence] in slot order: key j > prefix + i never reaches query i
-        n_prefix = t - s
-        out = jnp.concatenate([
-            _attend(q[:, s0:s1], k[..., :n_prefix + s1], v[..., :n_prefix + s1],
-                    mask[:, s0:s1, :n_prefix + s1], kvh, g, dtype)
-            for s0, s1 in causal_query_blocks(s)], axis=1)
+    # keys are [prefix, sequence] in slot order: key j > prefix + i never reaches query i
+    n_prefix = t - s
+    out = jnp.concatenate([
+        _attend(q[:, s0:s1], k[..., :n_prefix + s1], v[..., :n_prefix + s1],
+                mask[:, s0:s1, :n_prefix + s1], kvh, g, dtype)
+        for s0, s1 in causal_query_blocks(s)], axis=1)
     return ops.linear(out, p["o"]["kernel"], dtype, ops.fold_key(rng, 3)), new_kv
+
+
+def cache_blocks(slots: int) -> list[int]:
+    """The key counts `_attend_filled` chooses among for a cache of `slots` slots: multiples of
+    a block of at least 32 slots and an eighth of the cache, the last one the whole cache."""
+    block = max(32, -(-slots // 8))
+    return [min(slots, block * (j + 1)) for j in range(-(-slots // block))]
+
+
+def _attend_filled(q, cache, mask, filled, kv_heads: int, groups: int, dtype):
+    """Attention of q [b, s, heads, d] over the first `filled` slots of a layer's cache (a
+    traced count), rounded up to one of `cache_blocks`; returns [b, s, heads*d].
+
+    Why: slots at and after `filled` have not been written yet, and the causal mask hides them
+    from every query, so attending over all of them is wasted work that grows with the cache's
+    length, not the text's: a decode step of 64 prompt + 128 new tokens read and multiplied a
+    192-slot cache from its first token. Written slots are always the first `filled` (left
+    padding is masked, not skipped), so a `lax.switch` over a few fixed key counts keeps every
+    shape static while the work follows the fill.
+    """
+    b = q.shape[0]
+    kvh, hd, slots = cache["k"].shape[1:]
+    sizes = cache_blocks(slots)
+
+    def attend(n):
+        def fn(q, kc, vc, mask):
+            k = from_cache(kc[..., :n]).astype(dtype).reshape(b * kvh, hd, n)
+            v = from_cache(vc[..., :n]).astype(dtype).reshape(b * kvh, hd, n)
+            return _attend(q, k, v, mask[..., :n], kv_heads, groups, dtype)
+        return fn
+
+    if len(sizes) == 1:
+        return attend(slots)(q, cache["k"], cache["v"], mask)
+    block = sizes[0]
+    which = jnp.clip((filled - 1) // block, 0, len(sizes) - 1)
+    return jax.lax.switch(which, [attend(n) for n in sizes], q, cache["k"], cache["v"], mask)
 
 
 CAUSAL_BLOCK = 128  # query rows per block when a sequence is long enough to split
