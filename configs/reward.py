@@ -35,4 +35,6 @@ def reward_defaults() -> ml_collections.ConfigDict:
     r = ml_collections.ConfigDict()
     r.center_coef = 0.0  # weight of mean((r_chosen + r_rejected)^2): keeps rewards near 0
     r.eval_fraction = 0.1  # held out when data.eval is not given
+    # score += s * log p(response | prompt) under the body's LM head, s trained (from 1)
+    r.likelihood = False
     return r

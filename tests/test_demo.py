@@ -81,7 +81,7 @@ def test_sampled_kl_to_itself_is_zero_and_to_another_model_positive():
     sft = llama.init_params(cfg, jax.random.key(0))
     other = llama.init_params(cfg, jax.random.key(1))
     items = D.eval_set(8, seed=3)
-    score = lambda tokens, mask: np.asarray(mask, np.float32).sum(1)  # noqa: E731
+    score = lambda tokens, mask, response: np.asarray(mask, np.float32).sum(1)  # noqa: E731
     same = compare_alignment.sampled_measures(sft, sft, cfg, tokenizer, items, score,
                                               temperature=1.0, max_new_tokens=6, seed=0)
     assert same["kl_to_sft"] == 0.0 and same["grade"] < 0 and same["reward_model_score"] > 0

@@ -47,7 +47,7 @@ def test_weighted_text_rewards_and_group_advantages():
                                np.array([-1, 0, 1]) / (std + 1e-4), rtol=1e-5)
 
 
-def even_fraction(tokens, mask):
+def even_fraction(tokens, mask, response=None):
     resp, m = tokens[:, -8:], mask[:, -8:]
     return ((resp % 2 == 0) * m).sum(1) / np.maximum(m.sum(1), 1)
 

@@ -16,7 +16,7 @@ from ptjax import tree as ptree
 from ptjax.models import llama
 from ptjax.models.config import preset
 from ptjax.recipes import ppo as ppo_recipe
-from ptjax.train import policy, ppo
+from ptjax.train import policy, ppo, reward
 from ptjax.train.config import base_config
 
 CFG = preset("tiny")
@@ -63,7 +63,7 @@ def test_lora_reference_is_the_same_base_arrays():
                            policy.token_logprobs(base, CFG, tokens, mask), atol=1e-3)
 
 
-def even_fraction(tokens, mask):
+def even_fraction(tokens, mask, response=None):
     """The programmatic reward: the share of even token ids among the response tokens (the
     last 8 columns)."""
     resp, m = tokens[:, -8:], mask[:, -8:]
@@ -160,7 +160,11 @@ def test_separate_critic_starts_from_the_reward_model_and_trains_its_body():
     critic, cfg = ppo_recipe.critic_start((rm, CFG), llama.init_params(CFG, jax.random.key(0)),
                                           CFG)
     assert cfg is CFG and "score_head" not in critic
-    assert critic[ppo.VALUE_HEAD] is rm["score_head"]
+    assert set(critic[ppo.VALUE_HEAD]) == {"kernel", "bias"}
+    assert all(critic[ppo.VALUE_HEAD][k] is rm["score_head"][k] for k in ("kernel", "bias"))
+    # a reward model's likelihood scale is part of its score, not of the value head
+    with_scale = ppo_recipe.critic_start((reward.add_likelihood_scale(rm), CFG), None, CFG)[0]
+    assert set(with_scale[ppo.VALUE_HEAD]) == {"kernel", "bias"}
     assert critic["layers_0"] is rm["layers_0"]
     tokens = jnp.asarray([TOK.encode("abcdefgh")], jnp.int32)
     mask = jnp.ones_like(tokens)

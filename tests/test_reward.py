@@ -83,7 +83,41 @@ def test_eval_step_equals_numpy_bradley_terry_on_unpadded_sequences():
 
 
 @pytest.mark.slow
-def test_reward_model_separates_a_separable_set_and_round_trips(tmp_path):
+def test_likelihood_term_adds_the_scaled_response_log_probs():
+    """With `likelihood_scale` in the head, a pair's score is the head's value plus the scale
+    times log p(response + EOS | prompt), both from one unpadded forward per sequence in
+    float64 numpy; the padded, batched `pair_scores` must match, prompt tokens excluded."""
+    params = heads.add_head(llama.init_params(CFG, jax.random.key(0)), CFG, jax.random.key(1),
+                            name=reward.HEAD)
+    params = reward.add_likelihood_scale(params)
+    params[reward.HEAD][reward.LIKELIHOOD] = jnp.array([0.7])
+    pairs = [P.encode_pair(r, TOK, 32) for r in _records(3, 4)]
+    batch = P.pair_batch(pairs, 32, batch_size=4)
+    chosen, rejected = jax.device_get(jax.jit(
+        lambda p, b: reward.pair_scores(p, CFG, b))(params, batch))
+
+    def score(ids, response):
+        x = jnp.asarray(ids)[None]
+        h = llama.hidden_states(params, CFG, llama.embed_tokens(params, CFG, x),
+                                jnp.arange(len(ids))[None], jnp.ones((1, len(ids)), jnp.int32))
+        logits = np.asarray(llama.logits_from_hidden(params, CFG, h)[0], np.float64)
+        logp = logits - logits.max(-1, keepdims=True)
+        logp = logp - np.log(np.exp(logp).sum(-1, keepdims=True))
+        ll = sum(logp[t - 1, ids[t]] for t in range(1, len(ids)) if response[t])
+        head = params[reward.HEAD]
+        value = (np.asarray(h[0, -1], np.float64) @ np.asarray(head["kernel"], np.float64)[:, 0]
+                 + float(head["bias"][0]))
+        return value + 0.7 * ll
+
+    for i, (c, r) in enumerate(pairs):
+        np.testing.assert_allclose(chosen[i], score(*c), rtol=1e-4, atol=1e-4)
+        np.testing.assert_allclose(rejected[i], score(*r), rtol=1e-4, atol=1e-4)
+    with pytest.raises(ValueError, match="pass the response mask"):
+        reward.scores(params, CFG, batch["chosen_tokens"], batch["chosen_mask"])
+
+
+@pytest.mark.parametrize("likelihood", [False, True])
+def test_reward_model_separates_a_separable_set_and_round_trips(tmp_path, likelihood):
     path = tmp_path / "prefs.jsonl"
     D.write_jsonl(path, [{"prompt": r.prompt, "chosen": r.chosen, "rejected": r.rejected}
                          for r in _records(200, 4)])
@@ -98,13 +132,16 @@ def test_reward_model_separates_a_separable_set_and_round_trips(tmp_path):
     c.checkpoint.update(every=40, async_save=False)
     import ml_collections
 
-    c.reward = ml_collections.ConfigDict({"center_coef": 0.0, "eval_fraction": 0.2})
+    c.reward = ml_collections.ConfigDict({"center_coef": 0.0, "eval_fraction": 0.2,
+                                          "likelihood": likelihood})
     workdir = str(tmp_path / "rm")
     result = reward_recipe.run(c, workdir)
+    assert (reward.LIKELIHOOD in result.params[reward.HEAD]) == likelihood
     summary = json.load(open(os.path.join(workdir, "summary.json")))["stages"]["reward_model"]
     assert summary["held_out_pairs"] == 40 and summary["pairwise_accuracy"] >= 0.95, summary
 
     params, cfg = reward_recipe.load_reward_model(os.path.join(workdir, "reward_model"))
+    assert set(params[reward.HEAD]) == set(result.params[reward.HEAD])  # the scale comes back
     batch = P.pair_batch([P.encode_pair(r, TOK, 32) for r in _records(4, 9)], 32)
     want = reward.pair_scores(result.params, CFG, batch)
     got = reward.pair_scores(params, cfg, batch)

@@ -139,7 +139,8 @@ def test_decode_layout_transposes_plain_kernels_only():
     assert isinstance(q.base, sampling.OutInKernel) and q.a.ndim == 2
     k = laid_out["layers_0"]["attn"]["k"]["kernel"]
     assert isinstance(k, sampling.OutInKernel)
-    np.testing.assert_array_equal(k.kernel_t, np.asarray(PARAMS["layers_0"]["attn"]["k"]["kernel"]).T)
+    np.testing.assert_array_equal(k.kernel_t,
+                                  np.asarray(PARAMS["layers_0"]["attn"]["k"]["kernel"]).T)
     assert laid_out["embed"]["embedding"] is params["embed"]["embedding"]
     x = jnp.asarray(np.random.default_rng(0).normal(size=(3, CFG.hidden)), jnp.float32)
     for name in ("q", "k"):

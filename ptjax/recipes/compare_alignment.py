@@ -54,7 +54,7 @@ def sampled_measures(params, sft_params, cfg, tokenizer, items, score_tokens, *,
     log_ratio = logprobs(params) - logprobs(sft_params)
     grades = [D.grade(task, response, answer)
               for (task, _, answer), response in zip(items, ro.responses)]
-    return {"reward_model_score": float(np.mean(score_tokens(ro.tokens, ro.mask))),
+    return {"reward_model_score": float(np.mean(score_tokens(ro.tokens, ro.mask, ro.response))),
             "grade": float(np.mean(grades)),
             "kl_to_sft": float(np.mean(np.sum(log_ratio * ro.response, axis=1)))}
 

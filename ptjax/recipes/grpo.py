@@ -46,7 +46,7 @@ def train(config, workdir: str, prompts: list, tokenizer, init_params, model_cfg
           score_texts=None, score_tokens=None, reward_names=("reward",),
           show_progress: bool = True) -> trainer.Result:
     """Run (or resume) GRPO/RLOO. `score_texts(prompts, responses) -> [n, b]` (weighted
-    components, summed) or `score_tokens(tokens, mask) -> [b]` (a reward model)."""
+    components, summed) or `score_tokens(tokens, mask, response) -> [b]` (a reward model)."""
     trainer.write_config(config, workdir)
     gc, tc = config.grpo, config.train
     cfg = model_cfg
@@ -98,7 +98,8 @@ def train(config, workdir: str, prompts: list, tokenizer, init_params, model_cfg
                                     tokenizer.pad_id, jax.random.fold_in(key, 0), prompt_len)
             t1 = time.perf_counter()
             if score_tokens is not None:
-                parts = np.asarray(score_tokens(ro.tokens, ro.mask), np.float32)[None]
+                parts = np.asarray(score_tokens(ro.tokens, ro.mask, ro.response),
+                                   np.float32)[None]
             else:
                 parts = np.asarray(score_texts(ro.prompts, ro.responses), np.float32)
             rewards = parts.sum(0) + np.where(ro.done, 0.0, gc.missing_eos_penalty)

@@ -57,13 +57,15 @@ def text_scorer(spec: str):
 
 
 def model_scorer(reward_params, reward_cfg, policy_cfg):
-    """`score(tokens, mask) -> [b]` from a reward model that reads the policy's token ids."""
+    """`score(tokens, mask, response) -> [b]` from a reward model that reads the policy's token
+    ids (`response` masks the response tokens, for a reward model with a likelihood term)."""
     if reward_cfg.vocab_size != policy_cfg.vocab_size:
         raise ValueError(f"ppo.reward_model: vocabulary of {reward_cfg.vocab_size} tokens, the "
                          f"policy's has {policy_cfg.vocab_size}: train the reward model with the "
                          "policy's tokenizer")
     fn = jax.jit(functools.partial(reward.scores, cfg=reward_cfg))
-    return lambda tokens, mask: np.asarray(fn(reward_params, tokens=tokens, mask=mask))
+    return lambda tokens, mask, response: np.asarray(fn(reward_params, tokens=tokens, mask=mask,
+                                                        response=response))
 
 
 @dataclasses.dataclass
@@ -189,8 +191,9 @@ def critic_start(critic_init, init_params, model_cfg):
         return {k: v for k, v in init_params.items() if k != ppo.VALUE_HEAD}, model_cfg
     params, cfg = critic_init
     params = dict(params)
-    if reward.HEAD in params:
-        params[ppo.VALUE_HEAD] = params.pop(reward.HEAD)
+    if reward.HEAD in params:  # a likelihood scale is the reward's, not a value head's
+        params[ppo.VALUE_HEAD] = {k: v for k, v in params.pop(reward.HEAD).items()
+                                  if k != reward.LIKELIHOOD}
     return params, cfg
 
 
@@ -199,7 +202,7 @@ def train(config, workdir: str, prompts: list, tokenizer, init_params, model_cfg
           show_progress: bool = True) -> trainer.Result:
     """Run (or resume) PPO from `init_params` on `prompts` (strings or int32 id arrays).
 
-    Scores come from `score_tokens(tokens, mask) -> [b]` (a reward model) or
+    Scores come from `score_tokens(tokens, mask, response) -> [b]` (a reward model) or
     `score_texts(prompts, responses) -> [b]` (a function of the decoded text). With
     `ppo.critic=separate` the critic starts from `critic_init` (a reward model's `(params, cfg)`)
     or, when None, from `init_params` (`critic_start`).
@@ -268,7 +271,7 @@ def train(config, workdir: str, prompts: list, tokenizer, init_params, model_cfg
 
     def score_of(ro: Rollout) -> np.ndarray:
         if score_tokens is not None:
-            return np.asarray(score_tokens(ro.tokens, ro.mask), np.float32)
+            return np.asarray(score_tokens(ro.tokens, ro.mask, ro.response), np.float32)
         return np.asarray(score_texts(ro.prompts, ro.responses), np.float32)
 
     norm_keys = jax.random.fold_in(jax.random.key(config.seed), 6)

@@ -35,8 +35,14 @@ def reward_objective(config, train_pairs, eval_pairs) -> trainer.Objective:
         eval_batches=P.pair_eval_batches(eval_pairs, tc.seq_len, tc.batch_size)[
             :config.eval.max_batches],
         tokens_per_batch=2 * tc.batch_size * tc.seq_len,
-        add_params=lambda params, cfg, key: heads.add_head(params, cfg, key, name=reward.HEAD),
+        add_params=functools.partial(add_score_head, likelihood=config.reward.likelihood),
         trainable=f"^{reward.HEAD}/")
+
+
+def add_score_head(params, cfg, key, *, likelihood: bool):
+    """A fresh scalar head, with the likelihood scale when `reward.likelihood` is on."""
+    params = heads.add_head(params, cfg, key, name=reward.HEAD)
+    return reward.add_likelihood_scale(params) if likelihood else params
 
 
 def split_pairs(pairs, fraction: float, seed: int):
