@@ -55,7 +55,7 @@ def get_config(arg=None):
         "preference_prompts": 4000,
         "samples_per_prompt": 4,  # ranked together: up to 6 comparisons per prompt
         "sample_temperature": 1.0,
-        "held_out_fraction": 0.1,  # of the prompts, with all their comparisons
+        "held_out_fraction": 0.1,  # of the prompts that gave a comparison, with all of theirs
         "ppo_prompts": 4000,
         # the head plus the body's own log-likelihood of the answer (`reward.likelihood`): the
         # head alone ranked right against wrong sums at chance (0.51; overall 0.665)

@@ -65,8 +65,10 @@ def reward_model_stage(config, workdir: str, sft_result: trainer.Result, tokeniz
     per_item, kept = ranked_pairs(params, cfg, tokenizer, items, samples=r.samples_per_prompt,
                                   temperature=r.sample_temperature, seed=config.seed + 8)
     rm_cfg = demo.stage_config(config, r.reward_model, method="full")
-    # held out by prompt, so no held-out pair shares its prompt with a training pair
-    train_items, eval_items = reward_recipe.split_pairs(per_item, r.held_out_fraction, config.seed)
+    # held out by prompt, so no held-out pair shares its prompt with a training pair; only
+    # prompts that gave a comparison count, so a held-out share always holds pairs
+    train_items, eval_items = reward_recipe.split_pairs([p for p in per_item if p],
+                                                        r.held_out_fraction, config.seed)
     encode = lambda groups: [P.encode_pair(rec, tokenizer, rm_cfg.train.seq_len)  # noqa: E731
                              for group in groups for rec in group]
     train_pairs, eval_pairs = encode(train_items), encode(eval_items)
