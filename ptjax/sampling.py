@@ -187,8 +187,7 @@ def decode_layout(params, batch: int):
     matmul = ptree.select(params, ptree.MATMUL_WEIGHTS)
 
     def transposable(w, is_matmul):
-        return bool(is_matmul and not ptree.is_weight_node(w) and w.ndim == 2
-                    and jnp.issubdtype(w.dtype, jnp.floating))
+        return bool(is_matmul and w.ndim == 2 and jnp.issubdtype(w.dtype, jnp.floating))
 
     chosen = jax.tree.map(transposable, params, matmul)
     size = sum(w.size * w.dtype.itemsize for w, c in zip(jax.tree.leaves(params),

@@ -33,10 +33,14 @@ def last_token_index(segment_ids):
 def head_outputs(params, cfg, tokens, segment_ids, *, name: str = "score_head", rng=None):
     """[batch, outputs] head values at each row's last real token (one example per row);
     `rng` (training only) feeds the body's dropout."""
-    b, s = tokens.shape
     positions = jnp.maximum(jnp.cumsum(segment_ids > 0, axis=1) - 1, 0).astype(jnp.int32)
     h = llama.hidden_states(params, cfg, llama.embed_tokens(params, cfg, tokens), positions,
                             segment_ids, rng=rng)
-    last = h[jnp.arange(b), last_token_index(segment_ids)]
-    head = params[name]
+    return head_at_last_token(params[name], h, segment_ids)
+
+
+def head_at_last_token(head, h, segment_ids):
+    """[batch, outputs] values of `head` ({kernel, bias}) at each row's last real token of the
+    hidden states `h` [batch, s, hidden], for callers that need `h` for more than the head."""
+    last = h[jnp.arange(h.shape[0]), last_token_index(segment_ids)]
     return ops.linear(last, head["kernel"], F32) + head["bias"]

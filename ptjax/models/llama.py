@@ -197,19 +197,19 @@ def attention_block(p, cfg: ModelConfig, x, rotary, mask, kv: dict | None, write
                                                      (0, 0, 0, write_slot))
                   for name, new in (("k", k), ("v", v))}
         out = _attend_filled(q, new_kv, mask, write_slot + s, kvh, g, dtype)
-        return ops.linear(out, p["o"]["kernel"], dtype, ops.fold_key(rng, 3)), new_kv
-    if kv is not None:  # prefix keys/values in front of this sequence's
-        k = jnp.concatenate([kv["k"].astype(k.dtype), k], axis=-1)
-        v = jnp.concatenate([kv["v"].astype(v.dtype), v], axis=-1)
-    t = k.shape[-1]
-    k = k.astype(dtype).reshape(b * kvh, hd, t)
-    v = v.astype(dtype).reshape(b * kvh, hd, t)
-    # keys are [prefix, sequence] in slot order: key j > prefix + i never reaches query i
-    n_prefix = t - s
-    out = jnp.concatenate([
-        _attend(q[:, s0:s1], k[..., :n_prefix + s1], v[..., :n_prefix + s1],
-                mask[:, s0:s1, :n_prefix + s1], kvh, g, dtype)
-        for s0, s1 in causal_query_blocks(s)], axis=1)
+    else:
+        if kv is not None:  # prefix keys/values in front of this sequence's
+            k = jnp.concatenate([kv["k"].astype(k.dtype), k], axis=-1)
+            v = jnp.concatenate([kv["v"].astype(v.dtype), v], axis=-1)
+        t = k.shape[-1]
+        k = k.astype(dtype).reshape(b * kvh, hd, t)
+        v = v.astype(dtype).reshape(b * kvh, hd, t)
+        # keys are [prefix, sequence] in slot order: key j > prefix + i never reaches query i
+        n_prefix = t - s
+        out = jnp.concatenate([
+            _attend(q[:, s0:s1], k[..., :n_prefix + s1], v[..., :n_prefix + s1],
+                    mask[:, s0:s1, :n_prefix + s1], kvh, g, dtype)
+            for s0, s1 in causal_query_blocks(s)], axis=1)
     return ops.linear(out, p["o"]["kernel"], dtype, ops.fold_key(rng, 3)), new_kv
 
 

@@ -3,10 +3,10 @@
 InstructGPT's recipe on the demo's tasks. The SFT model answers each prompt K times (sampled);
 a graded ground truth (`data.grade`: numeric closeness, edit distance) ranks them, standing
 in for a human labeller (every two answers of different grade are one comparison; ties are
-dropped), and the reward model learns those rankings
-without ever seeing the right answer. PPO then optimizes the SFT model against the reward
-model with a KL penalty to it. Exact-match accuracy before (SFT) and after (PPO) is measured on
-the same held-out questions, with the ground truth the reward model never saw.
+dropped), and the reward model learns those rankings without ever seeing the right answer.
+PPO then optimizes the SFT model against the reward model with a KL penalty to it.
+Exact-match accuracy before (SFT) and after (PPO) is measured on the same held-out
+questions, with the ground truth the reward model never saw.
 """
 
 from __future__ import annotations

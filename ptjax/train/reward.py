@@ -17,7 +17,6 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from ptjax import ops
 from ptjax.models import heads
 from ptjax.train import policy, rl_math
 from ptjax.train.steps import mean_loss_update
@@ -39,8 +38,7 @@ def scores(params, cfg, tokens, mask, response=None, rng=None):
         raise ValueError("this reward model scores the response's likelihood too "
                          f"({HEAD}/{LIKELIHOOD}): pass the response mask")
     h = policy.hidden(params, cfg, tokens, mask, rng)
-    last = h[jnp.arange(h.shape[0]), heads.last_token_index(mask)]
-    r = ops.linear(last, head["kernel"], F32)[:, 0] + head["bias"][0]
+    r = heads.head_at_last_token(head, h, mask)[:, 0]
     logp, _ = policy.shifted_logprobs(params, cfg, h, tokens, 1.0)
     return r + head[LIKELIHOOD][0] * jnp.sum(logp * jnp.asarray(response, F32), axis=1)
 
