@@ -43,7 +43,7 @@ def test_demo_runs_every_stage(tmp_path):
     c = toy_sized(get_config(), steps=4, rm_eval_batches=2)
     c.demo.stages = [("sft", "full", 1e-3, "")]
     r = c.demo.rlhf
-    r.ppo.train.update(steps=2, batch_size=16)
+    r.ppo.train.update(steps=2, batch_size=32)  # 4 minibatches of 8 rows: one per device
     r.ppo.ppo.max_new_tokens = 8
     workdir = str(tmp_path / "demo")
     summary = demo.run(c, workdir)
@@ -98,7 +98,7 @@ def test_compare_alignment_fills_one_row_per_method(tmp_path):
     c = toy_sized(alignment_config(), steps=2, rm_eval_batches=1)
     a = c.alignment
     a.sample_prompts = 8
-    a.ppo.train.update(steps=1, batch_size=16)  # 2 minibatches of 8 rows over 8 test devices
+    a.ppo.train.update(steps=1, batch_size=32)  # 4 minibatches of 8 rows over 8 test devices
     a.grpo.train.update(steps=1, batch_size=2)
     a.dpo.train.update(steps=2, batch_size=8)
     a.dpo.eval.max_batches = 1
