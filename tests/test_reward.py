@@ -82,7 +82,6 @@ def test_eval_step_equals_numpy_bradley_terry_on_unpadded_sequences():
     assert got["correct"] == np.sum(diff > 0)
 
 
-@pytest.mark.slow
 def test_likelihood_term_adds_the_scaled_response_log_probs():
     """With `likelihood_scale` in the head, a pair's score is the head's value plus the scale
     times log p(response + EOS | prompt), both from one unpadded forward per sequence in
