@@ -96,6 +96,24 @@ def nbytes(tree: PyTree) -> int:
     return int(sum(np.prod(np.shape(x)) * np.dtype(x.dtype).itemsize for x in jax.tree.leaves(tree)))
 
 
+def to_host(tree: PyTree) -> PyTree:
+    """Every array leaf of `tree` as a host numpy array, gathered from all processes where it
+    spans several.
+
+    Why: `jax.device_get` reads only the shards this process holds, so exporting an FSDP- or
+    tensor-sharded model from process 0 of a multi-host run needs the other hosts' shards
+    first. A collective in a multi-process run: every process calls it, on the same tree.
+    """
+    from jax.experimental import multihost_utils
+
+    def one(x):
+        if isinstance(x, jax.Array) and not x.is_fully_addressable:
+            return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+        return jax.device_get(x)
+
+    return jax.tree.map(one, tree)
+
+
 # Float matrices that only ever feed a matmul: kernels, and the base a node wraps. Lookup tables
 # (read by `ops.embed` in float32) and quantized nodes' codes and scales are not among them.
 MATMUL_WEIGHTS = r"/kernel(/base)*$"

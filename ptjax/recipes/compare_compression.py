@@ -22,6 +22,7 @@ import numpy as np
 
 from ptjax import data as D
 from ptjax import peft
+from ptjax import tree as ptree
 from ptjax.recipes import compress, demo
 from ptjax.train import trainer
 
@@ -38,7 +39,7 @@ def demo_subject(config, workdir: str):
     held_out = demo.encode(D.instruction_records(300, config.seed + 3), tokenizer, seq_len)
     result = trainer.train(c, os.path.join(workdir, "sft"), train_examples, held_out,
                            init_params=base.params)
-    params = jax.device_get(peft.finalize(result.params, c.peft))
+    params = ptree.to_host(peft.finalize(result.params, c.peft))
     calibration = compress_rows(train_examples, seq_len, config.prune.calibration_rows)[0]
     evaluation = compress_rows(held_out, seq_len, config.compress.eval_rows)  # completions only
     eval_items = D.eval_set(d.eval_examples, config.seed + 1000)

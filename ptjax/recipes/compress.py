@@ -204,8 +204,9 @@ def run(config, workdir: str) -> dict:
                           tokenizer=tokenizer)
     rows = {**dense, cc.name: {**measure(compressed, model_cfg, evaluation),
                                "seconds": round(time.time() - started, 1)}}
+    compressed = ptree.to_host(compressed)  # every process takes part; process 0 writes
     if jax.process_index() == 0:
-        export_lib.save_hf(jax.device_get(compressed), model_cfg, tokenizer,
+        export_lib.save_hf(compressed, model_cfg, tokenizer,
                            os.path.join(workdir, "model"), generation=generation)
     summary = {"rows": rows, "model": config.model.init, "text": cc.text or "pydoc_data.topics",
                "calibration_rows": int(calibration.shape[0]), "eval_rows": int(evaluation.shape[0]),

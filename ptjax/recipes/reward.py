@@ -17,6 +17,7 @@ from safetensors.numpy import load_file, save_file
 
 from ptjax import data as D
 from ptjax import peft
+from ptjax import tree as ptree
 from ptjax.data import pairs as P
 from ptjax.models import heads
 from ptjax.recipes import sft
@@ -111,8 +112,9 @@ def run(config, workdir: str, train_pairs=None, eval_pairs=None, init_params=Non
     result = trainer.train(config, workdir, init_params=init_params, model_cfg=model_cfg,
                            tokenizer=tokenizer,
                            objective=reward_objective(config, train_pairs, eval_pairs or []))
+    params = ptree.to_host(result.params)  # every process takes part; process 0 writes
     if jax.process_index() == 0:
-        save_reward_model(peft.finalize(result.params, config.peft), result.model_cfg, tokenizer,
+        save_reward_model(peft.finalize(params, config.peft), result.model_cfg, tokenizer,
                           os.path.join(workdir, "reward_model"))
     summary_path = os.path.join(workdir, "summary.json")
     summary = trainer.read_summary(summary_path)

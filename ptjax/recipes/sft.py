@@ -25,9 +25,11 @@ def export(config, workdir: str, result: trainer.Result, tokenizer, generation: 
     import jax
 
     from ptjax import peft
+    from ptjax import tree as ptree
     from ptjax.interop import export as export_lib
     from ptjax.interop import peft_format
 
+    params = ptree.to_host(result.params)  # every process takes part; process 0 writes
     if jax.process_index() != 0:
         return
     method = config.peft.method
@@ -37,11 +39,11 @@ def export(config, workdir: str, result: trainer.Result, tokenizer, generation: 
               f"this run placed them as {config.peft.ptuning_placement!r} "
               "(train with --config.peft.ptuning_placement=prepend to export)")
     elif entry.peft_file:
-        peft_format.save_adapter(result.params, result.model_cfg, os.path.join(workdir, "adapter"),
+        peft_format.save_adapter(params, result.model_cfg, os.path.join(workdir, "adapter"),
                                  method=entry.peft_file, use_rslora=config.peft.rslora,
                                  base_model_name_or_path=config.model.init)
     if entry.merges:
-        merged = jax.device_get(peft.finalize(result.params, config.peft))
+        merged = jax.device_get(peft.finalize(params, config.peft))
         export_lib.save_hf(merged, result.model_cfg, tokenizer, os.path.join(workdir, "merged"),
                            generation=generation)
 

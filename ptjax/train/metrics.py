@@ -12,13 +12,19 @@ class MetricsLog:
     """Append-only metrics for one workdir that stays consistent across resumes.
 
     On resume from step k, lines logged after k by the interrupted run are dropped first, so the
-    file reads exactly like one uninterrupted run.
+    file reads exactly like one uninterrupted run. In a multi-process run only process 0
+    writes (every process logs the same global metrics); on the others this does nothing.
     """
 
     def __init__(self, workdir: str, resume_step: int = 0):
-        from tensorboardX import SummaryWriter  # heavy import, only for runs that log
+        import jax
 
         self.path = os.path.join(workdir, "metrics.jsonl")
+        self._enabled = jax.process_index() == 0
+        if not self._enabled:
+            return
+        from tensorboardX import SummaryWriter  # heavy import, only for runs that log
+
         if os.path.exists(self.path):
             with open(self.path) as f:
                 kept = [line for line in f if line.strip() and json.loads(line)["step"] <= resume_step]
@@ -29,6 +35,8 @@ class MetricsLog:
 
     def write(self, step: int, metrics: dict):
         """Record scalars for `step` in both sinks."""
+        if not self._enabled:
+            return
         row = {"step": int(step)}
         row.update({k: float(np.asarray(v)) for k, v in metrics.items()})
         self._file.write(json.dumps(row) + "\n")
@@ -38,6 +46,8 @@ class MetricsLog:
                 self._tb.add_scalar(k, v, step)
 
     def close(self):
+        if not self._enabled:
+            return
         self._file.close()
         self._tb.close()
 

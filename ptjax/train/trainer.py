@@ -16,6 +16,7 @@ import time
 from typing import Any, Callable
 
 import jax
+import numpy as np
 from tqdm import tqdm
 
 from ptjax import checkpoint, peft, prune, quant, sharding
@@ -46,15 +47,30 @@ def model_config(config, checkpoint_cfg: ModelConfig | None = None) -> ModelConf
 
 
 def write_config(config, workdir: str):
-    """Record the exact resolved config of a run as WORKDIR/config.json."""
+    """Record the exact resolved config of a run as WORKDIR/config.json (process 0 writes it:
+    in a multi-process run every process has the same config, and one writer keeps the file
+    whole)."""
     os.makedirs(workdir, exist_ok=True)
+    if jax.process_index() != 0:
+        return
     with open(os.path.join(workdir, "config.json"), "w") as f:
         f.write(config.to_json_best_effort(indent=2, sort_keys=True))
 
 
 def to_device(batch: dict, sharding_: jax.sharding.Sharding) -> dict:
-    """Host numpy batch -> global arrays laid out by `sharding_` (works on one or many hosts)."""
-    return {k: jax.make_array_from_process_local_data(sharding_, v) for k, v in batch.items()}
+    """The global host batch -> global arrays laid out by `sharding_`, each process putting on
+    its devices only the rows they hold.
+
+    Why the global batch on every host: the batch iterators are deterministic functions of
+    `(seed, step)`, so every process computes the same global batch for any process count, and
+    the run gives the same losses on one process or many. Each process then copies only its
+    devices' shards (`make_array_from_callback` asks for exactly their index ranges); handing
+    the whole batch to `make_array_from_process_local_data` instead made it that process's part,
+    so N processes trained on N times the batch, made of duplicates.
+    """
+    return {k: jax.make_array_from_callback(np.shape(v), sharding_,
+                                            lambda index, v=v: np.asarray(v)[index])
+            for k, v in batch.items()}
 
 
 def jit_train_step(train_step, cfg: ModelConfig, tx, grad_accum: int, state_shardings,
@@ -85,7 +101,7 @@ def update_masks(state, prune_cfg, step: int, trainable_mask, state_shardings):
     """Gradual pruning after `step` steps: masks recomputed on the host from the current weights
     (`prune.update_masks`), pruned entries zeroed, and both halves put back with their
     shardings. Runs only every `prune.every` steps, so the host round trip is rare."""
-    params = prune.update_masks(jax.device_get(state.params), prune_cfg, step)
+    params = prune.update_masks(ptree.to_host(state.params), prune_cfg, step)
     trainable, frozen = ptree.split(params, trainable_mask)
     return state.replace(trainable=jax.device_put(trainable, state_shardings.trainable),
                          frozen=jax.device_put(frozen, state_shardings.frozen))
@@ -241,6 +257,9 @@ def train(config, workdir: str, train_examples=None, eval_examples=(), init_para
         start, saved, data_state = restored
         state = saved.replace(frozen=ptree.merge(saved.frozen, state.frozen))
         data.restore(data_state)
+        if jax.process_index() == 0:
+            print(f"{os.path.basename(workdir)}: resuming at step {start} of {tc.steps} from "
+                  f"{mngr.directory}", flush=True)
     log = metrics_lib.MetricsLog(workdir, resume_step=start)
     schedule = optim.learning_rate_schedule(config.optim, tc.steps)
     step_keys = jax.random.fold_in(jax.random.key(config.seed), 2)  # apart from the init keys
@@ -304,7 +323,9 @@ def read_summary(path: str) -> dict:
 
 
 def write_summary(path: str, summary: dict):
-    """Write summary.json atomically (a kill never leaves half a file)."""
+    """Write summary.json atomically (a kill never leaves half a file); process 0 writes it."""
+    if jax.process_index() != 0:
+        return
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     tmp = path + ".tmp"
     with open(tmp, "w") as f:
