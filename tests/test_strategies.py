@@ -96,8 +96,8 @@ def _bytes_on(tree, device) -> int:
 @pytest.mark.parametrize("method", [
     "full",
     # Known gap: under FSDP alone, LoRA's `b` [rank, out] (and `a` of o/down, [in, rank]) name
-    # only `tensor` and the rank, and NF4 codes are a flat byte vector without logical axes, so
-    # they stay whole on every device: 44% of QLoRA's bytes here. Strict: fails once fixed.
+    # only `tensor` and the rank, and the NF4 codes of q/k/v/gate/up split only with their
+    # output axis (`tensor`), so they stay whole on every device. Strict: fails once fixed.
     pytest.param("qlora", marks=pytest.mark.xfail(strict=True, reason="adapter factors and "
                                                   "NF4 codes are not split over fsdp yet")),
 ])
@@ -124,3 +124,15 @@ def test_fsdp_splits_parameters_and_optimizer_state_over_its_devices(method):
     single_args = argument_bytes(one_step, one_state, one_batch)
     fsdp_args = argument_bytes(step, state, batch_sharding)
     assert fsdp_args < single_args / 4, (fsdp_args, single_args)
+
+
+def test_nf4_codes_split_with_the_output_channels():
+    """NF4 codes and block absmax run over [out, in] flattened, so they split where the output
+    axis does: over `tensor` for q, over `fsdp` for o (whose output is `embed`)."""
+    P = jax.sharding.PartitionSpec
+    state, _, _ = _state_and_step("qlora", {"fsdp": 4, "tensor": 2}, jax.devices())
+    attn = state.frozen["layers_0"]["attn"]
+    q, o = attn["q"]["kernel"].base, attn["o"]["kernel"].base
+    assert q.codes.sharding.spec == P("tensor") and q.absmax.sharding.spec == P("tensor")
+    assert o.codes.sharding.spec == P("fsdp") and o.absmax.sharding.spec == P("fsdp")
+    assert {s.data.shape for s in o.codes.addressable_shards} == {(o.codes.shape[0] // 4,)}

@@ -219,9 +219,13 @@ class NF4(WeightNode):
         return self.dequantize_transposed(F32).T.astype(self.dtype)
 
     def part_axes(self, axes):
-        # Codes and scales run over the flattened weight: replicated, like any 1-D leaf.
-        return {"codes": (None,), "absmax": (None,), "absmax_scale": (None,), "offset": (),
-                "code_map": (None,)}
+        # Codes and block absmax run over PyTorch's [out, in] flattened, so contiguous pieces
+        # of them are whole output channels: they split with the output axis (over `tensor`
+        # for q/k/v/gate/up, `fsdp` for o/down), and a reshape to [out, ...] keeps the split.
+        # The input axis is the minor one there and cannot split them; the absmax scales (one
+        # per 256 blocks) stay whole.
+        return {"codes": (axes[1],), "absmax": (axes[1],), "absmax_scale": (None,),
+                "offset": (), "code_map": (None,)}
 
 
 def quantize(kernel, quant_type: str = "nf4", double_quant: bool = True,
