@@ -143,5 +143,6 @@ def test_to_device_lays_out_the_global_batch():
     mesh = sharding.make_mesh({"data": -1})
     batch = {"inputs": np.arange(8 * 3, dtype=np.int32).reshape(8, 3)}
     out = trainer.to_device(batch, sharding.batch_sharding(mesh, sharding.DEFAULT_RULES, ndim=1))
-    assert out["inputs"].shape == (8, 3) and len(out["inputs"].sharding.device_set) == len(jax.devices())
+    assert out["inputs"].shape == (8, 3)
+    assert len(out["inputs"].sharding.device_set) == len(jax.devices())
     np.testing.assert_array_equal(np.asarray(out["inputs"]), batch["inputs"])

@@ -67,8 +67,7 @@ def run(config, workdir: str) -> dict:
     def save(subject):
         def on_row(rows):
             summary[subject] = rows
-            if jax.process_index() == 0:
-                trainer.write_summary(summary_path, summary)
+            trainer.write_summary(summary_path, summary)  # process 0 writes it
         return on_row
 
     params, cfg, tokenizer, train_examples, eval_items, calibration, evaluation = demo_subject(

@@ -68,9 +68,9 @@ def to_device(batch: dict, sharding_: jax.sharding.Sharding) -> dict:
     the whole batch to `make_array_from_process_local_data` instead made it that process's part,
     so N processes trained on N times the batch, made of duplicates.
     """
-    return {k: jax.make_array_from_callback(np.shape(v), sharding_,
-                                            lambda index, v=v: np.asarray(v)[index])
-            for k, v in batch.items()}
+    arrays = {k: np.asarray(v) for k, v in batch.items()}
+    return {k: jax.make_array_from_callback(v.shape, sharding_, lambda index, v=v: v[index])
+            for k, v in arrays.items()}
 
 
 def jit_train_step(train_step, cfg: ModelConfig, tx, grad_accum: int, state_shardings,
