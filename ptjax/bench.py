@@ -3,6 +3,8 @@
     python -m ptjax.bench --preset=llama-56m --method=full --batch=8 --seq=512 --dtype=bfloat16
     python -m ptjax.bench --preset=llama-56m --method=generate --batch=16 --prompt_len=64 \
         --new_tokens=128 --dtype=bfloat16
+    python -m ptjax.bench --preset=llama-56m --method=full --batch=1 --seq=2048,4096,8192
+    python -m ptjax.bench --plan --preset=llama2-7b --mesh=fsdp:8 --method=qlora,lora,full
 
 Prints one JSON object per case. MFU is model FLOPs per second over the bf16 matmul ceiling
 measured in the same process (a large bf16 x bf16 -> f32 dot), because that ceiling varies between
@@ -15,9 +17,12 @@ copy measured in the same process (`copy_bandwidth_gb_s`), and `bandwidth_floor_
 how close the decode steps come to it (see `generation_case`).
 """
 
+import sys
+
 from ptjax import runtime
 
-runtime.reexec_with_fast_allocator()  # must happen before JAX starts
+runtime.simulate_host_devices_for_plan(sys.argv)  # both must happen before JAX starts
+runtime.reexec_with_fast_allocator()
 
 import functools  # noqa: E402
 import json  # noqa: E402
@@ -25,7 +30,6 @@ import platform  # noqa: E402
 import re  # noqa: E402
 import resource  # noqa: E402
 import subprocess  # noqa: E402
-import sys  # noqa: E402
 import time  # noqa: E402
 
 import jax  # noqa: E402
@@ -51,13 +55,19 @@ flags.DEFINE_list("method", ["full"], "Methods to time: full, frozen (the bound 
                   "ia3, adapter, prompt, ptuning, prefix; or generate (greedy KV-cache "
                   "decoding of --batch prompts of --prompt_len tokens by --new_tokens tokens).")
 flags.DEFINE_integer("batch", 8, "Sequences per step.")
-flags.DEFINE_integer("seq", 512, "Tokens per sequence.")
+flags.DEFINE_list("seq", ["512"], "Tokens per sequence; several (2048,4096,8192) time each.")
 flags.DEFINE_integer("prompt_len", 64, "generate: prompt tokens per row.")
 flags.DEFINE_integer("new_tokens", 128, "generate: tokens decoded per row (never stopped early).")
 flags.DEFINE_list("dtype", ["bfloat16"], "Compute dtypes to time (bfloat16, float32).")
 flags.DEFINE_integer("steps", 5, "Timed steps, or generate calls (median reported).")
 flags.DEFINE_integer("warmup", 2, "Discarded steps (generate calls) after compilation.")
 flags.DEFINE_string("remat", "none", "Rematerialization: none or full.")
+flags.DEFINE_bool("scan_layers", True, "Layers as one lax.scan (False: unrolled loop).")
+flags.DEFINE_bool("plan", False, "Print the step's per-device memory plan (compiled from shapes, "
+                  "without and with remat, and analytic) instead of timing it.")
+flags.DEFINE_string("mesh", "", "--plan: the mesh, e.g. fsdp:8 or data:2,fsdp:2,tensor:2.")
+flags.DEFINE_integer("layers", 0, "Override the preset's depth (0: the preset's own), e.g. to see "
+                     "how compile time grows with depth under --plan.")
 
 
 def matmul_ceiling(dtype, n: int = 0, repeats: int = 5) -> float:
@@ -75,6 +85,22 @@ def matmul_ceiling(dtype, n: int = 0, repeats: int = 5) -> float:
         f(a, a).block_until_ready()
         times.append(time.perf_counter() - t)
     return 2 * n**3 / float(np.median(times))
+
+
+# Dense bf16 peak FLOP/s of accelerators by a piece of their `device_kind` (first match wins;
+# the makers' data sheets, without sparsity).
+CARD_PEAK_BF16 = (("H100 PCIe", 756e12), ("H100", 989e12), ("H200", 989e12), ("A100", 312e12),
+                  ("TPU v6", 918e12), ("TPU v5p", 459e12), ("TPU v5", 197e12),
+                  ("TPU v4", 275e12))
+
+
+def card_peak_flops() -> float | None:
+    """The data-sheet bf16 peak of this process's first device, None on CPU or when unknown.
+
+    Why: on an accelerator MFU is quoted against the card's peak (MaxText, PaLM); the ceiling
+    measured in the run stays beside it, since it is what the CPU rows use."""
+    kind = jax.devices()[0].device_kind
+    return next((peak for name, peak in CARD_PEAK_BF16 if name in kind), None)
 
 
 def matmul_params(cfg: ModelConfig) -> tuple[int, int]:
@@ -357,8 +383,13 @@ def generation_case(preset_name: str, dtype: str, batch: int, prompt_len: int, n
     }
 
 
-def run_case(method: str, dtype: str):
-    """Time one (method, dtype) case in this process and print its JSON line."""
+def depth_override() -> dict:
+    """`--layers` as a preset override (empty when it keeps the preset's depth)."""
+    return {"layers": FLAGS.layers} if FLAGS.layers else {}
+
+
+def run_case(method: str, dtype: str, seq: int):
+    """Time one (method, dtype, sequence length) case in this process and print its JSON line."""
     if method == "generate":
         print(json.dumps(generation_case(FLAGS.preset, dtype, FLAGS.batch, FLAGS.prompt_len,
                                          FLAGS.new_tokens, FLAGS.steps, FLAGS.warmup)),
@@ -366,15 +397,19 @@ def run_case(method: str, dtype: str):
         return
     ceiling_bf16 = matmul_ceiling(jnp.bfloat16)
     ceiling_f32 = matmul_ceiling(jnp.float32)
-    cfg = preset(FLAGS.preset, dtype=dtype, remat=FLAGS.remat)
-    r = time_train_step(cfg, method, FLAGS.batch, FLAGS.seq, FLAGS.steps, FLAGS.warmup)
-    tokens_per_s = FLAGS.batch * FLAGS.seq / r["step_s"]
-    flops = flops_per_token(cfg, FLAGS.seq, r.pop("trainable_matmul_params"))
+    cfg = preset(FLAGS.preset, dtype=dtype, remat=FLAGS.remat, scan_layers=FLAGS.scan_layers,
+                 **depth_override())
+    r = time_train_step(cfg, method, FLAGS.batch, seq, FLAGS.steps, FLAGS.warmup)
+    tokens_per_s = FLAGS.batch * seq / r["step_s"]
+    flops = flops_per_token(cfg, seq, r.pop("trainable_matmul_params"))
     print(json.dumps({
-        "case": f"{FLAGS.preset}-{method}-{dtype}-b{FLAGS.batch}-s{FLAGS.seq}",
+        "case": f"{FLAGS.preset}-{method}-{dtype}-b{FLAGS.batch}-s{seq}",
+        "layers": cfg.layers, "scan_layers": cfg.scan_layers, "remat": cfg.remat,
         "tokens_per_s": round(tokens_per_s, 1),
         "mfu": round(tokens_per_s * flops / ceiling_bf16, 4),
         "mfu_f32_ceiling": round(tokens_per_s * flops / ceiling_f32, 4),
+        **({"mfu_card_peak": round(tokens_per_s * flops / peak, 4)}
+           if (peak := card_peak_flops()) else {}),
         "model_tflops_per_s": round(tokens_per_s * flops / 1e12, 4),
         "bf16_ceiling_tflops": round(ceiling_bf16 / 1e12, 4),
         "f32_ceiling_tflops": round(ceiling_f32 / 1e12, 4),
@@ -386,17 +421,29 @@ def run_case(method: str, dtype: str):
 
 
 def main(argv):
-    cases = [(m, d) for d in FLAGS.dtype for m in FLAGS.method]
+    if FLAGS.plan:
+        from ptjax import plan
+
+        for method in FLAGS.method:
+            for seq in FLAGS.seq:
+                cfg = preset(FLAGS.preset, dtype=FLAGS.dtype[0], scan_layers=FLAGS.scan_layers,
+                             **depth_override())
+                print(json.dumps(plan.plan(cfg, method, FLAGS.mesh, FLAGS.batch, int(seq),
+                                           method_params)),
+                      flush=True)
+        return
+    cases = [(m, d, int(s)) for d in FLAGS.dtype for m in FLAGS.method
+             for s in (FLAGS.seq if m != "generate" else FLAGS.seq[:1])]
     if len(cases) == 1:
         run_case(*cases[0])
         return
     # One process per case, so each case's peak RSS is its own.
-    for method, dtype in cases:
-        args = [a for a in argv[1:] if not a.startswith(("--method", "--dtype"))]
+    for method, dtype, seq in cases:
+        args = [a for a in argv[1:] if not a.startswith(("--method", "--dtype", "--seq"))]
         subprocess.run([sys.executable, "-m", "ptjax.bench", f"--method={method}",
-                        f"--dtype={dtype}", *[f"--{f}={getattr(FLAGS, f)}" for f in
-                        ("preset", "batch", "seq", "prompt_len", "new_tokens", "steps", "warmup",
-                         "remat")], *args],
+                        f"--dtype={dtype}", f"--seq={seq}", *[f"--{f}={getattr(FLAGS, f)}" for f in
+                        ("preset", "batch", "prompt_len", "new_tokens", "steps", "warmup",
+                         "remat", "scan_layers", "layers")], *args],
                        check=True)
 
 

@@ -16,16 +16,41 @@ not fold back into the dot (`real_transpose`). `tests/test_hlo_layouts.py` guard
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import functools
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from absl import logging
 from jax import lax
 
 from ptjax.tree import is_weight_node
 
 F32 = jnp.float32
+
+
+_FORCE_PORTABLE = contextvars.ContextVar("ptjax_force_portable_kernels", default=False)
+
+
+def cpu_layouts() -> bool:
+    """True when tracing for XLA's CPU backend, whose fast dot needs the row-major operand
+    layouts this module materializes (`real_transpose`). GPU and TPU matmul libraries take a
+    transposed operand as it is, so there the copy would only cost memory traffic."""
+    return not _FORCE_PORTABLE.get() and jax.default_backend() == "cpu"
+
+
+@contextlib.contextmanager
+def portable_kernels():
+    """Trace with the GPU/TPU layouts (no materialized transposes) on any backend; tests use it
+    to run the accelerator path on CPU. Affects functions traced inside the block only: JAX
+    caches a function's trace whatever the context, so pass a fresh function."""
+    token = _FORCE_PORTABLE.set(True)
+    try:
+        yield
+    finally:
+        _FORCE_PORTABLE.reset(token)
 
 
 def _dot(a, b, contract_a: int, contract_b: int, batch: int = 0):
@@ -39,10 +64,11 @@ def real_transpose(a):
 
     A plain transpose feeding a dot is folded into the dot's dimension numbers, which is exactly
     the slow layout we are avoiding. Splitting an axis first turns it into a rank-changing
-    reshape/transpose/reshape that XLA materializes as a row-major copy.
+    reshape/transpose/reshape that XLA materializes as a row-major copy. Off CPU it is a plain
+    transpose (`cpu_layouts`).
     """
     *lead, m, n = a.shape
-    if n % 2 == 0:
+    if n % 2 == 0 and cpu_layouts():
         b = a.reshape(*lead, m, 2, n // 2)
         b = jnp.moveaxis(b, -3, -1)  # [..., 2, n/2, m]
         return b.reshape(*lead, n, m)
@@ -50,6 +76,30 @@ def real_transpose(a):
 
 
 # ----------------------------------------------------------------------------- dense
+
+
+def keep(tree):
+    """Residuals for a backward pass, with bfloat16 leaves stored as uint16 bit patterns on CPU
+    (`unkeep` restores them).
+
+    Why: under `lax.scan` over layers every residual is written into a [layers, ...] stack by
+    a dynamic-update-slice, which XLA's CPU backend does not run in bfloat16: it converts the
+    stack to float32 and back around every write, so a scanned llama-56m step held 875 MB
+    more scratch memory and ran 20% slower than the unrolled loop. Integer stacks it updates
+    in place.
+    """
+    if not cpu_layouts():
+        return tree
+    return jax.tree.map(
+        lambda x: lax.bitcast_convert_type(x, jnp.uint16) if x.dtype == jnp.bfloat16 else x,
+        tree)
+
+
+def unkeep(tree):
+    """`keep`'s inverse (uint16 leaves back to bfloat16; ptjax keeps no other uint16 arrays)."""
+    return jax.tree.map(
+        lambda x: lax.bitcast_convert_type(x, jnp.bfloat16) if x.dtype == jnp.uint16 else x,
+        tree)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
@@ -69,11 +119,11 @@ def dense_vocab_major(h, table, dtype):
 
 
 def _dense_fwd(x, w, dtype):
-    return dense(x, w, dtype), (x, w)
+    return dense(x, w, dtype), keep((x, w))
 
 
 def _dense_bwd(dtype, res, dy):
-    x, w = res
+    x, w = unkeep(res)
     xc = x.astype(dtype).reshape(-1, x.shape[-1])
     wc = w.astype(dtype)
     dy = dy.astype(dtype).reshape(-1, dy.shape[-1])
@@ -95,11 +145,11 @@ def dense_t(x, w_t, dtype):
 
 
 def _dense_t_fwd(x, w_t, dtype):
-    return dense_t(x, w_t, dtype), (x, w_t)
+    return dense_t(x, w_t, dtype), keep((x, w_t))
 
 
 def _dense_t_bwd(dtype, res, dy):
-    x, w_t = res
+    x, w_t = unkeep(res)
     xc = x.astype(dtype).reshape(-1, x.shape[-1])
     dy = dy.astype(dtype).reshape(-1, dy.shape[-1])
     dx = _dot(dy, w_t.astype(dtype), 1, 0)  # [m, out] x [out, in]
@@ -163,11 +213,11 @@ def _tied(node, arr):
 
 
 def _frozen_linear_fwd(node, x, dtype):
-    return frozen_linear(node, x, dtype), (node, x)
+    return frozen_linear(node, x, dtype), keep((node, x))
 
 
 def _frozen_linear_bwd(dtype, res, dy):
-    node, x = res
+    node, x = unkeep(res)
     dy2 = dy.reshape(-1, dy.shape[-1]).astype(dtype)
     dx = _few_rows(_tied(node, dy2).input_gradient, dy2, dtype)
     zero = jax.tree.map(_zero_cotangent, node)
@@ -251,6 +301,34 @@ def materialize(w):
     return w
 
 
+@jax.custom_vjp
+def swiglu(gate, up):
+    """`silu(gate) * up` computed in float32, returned in gate's dtype.
+
+    A custom VJP so the backward pass keeps gate and up as they are (bfloat16): autodiff kept
+    their float32 casts, [tokens, mlp] float32 twice per layer, the largest residuals of a
+    llama-56m step.
+    """
+    g, u = gate.astype(F32), up.astype(F32)
+    return (jax.nn.silu(g) * u).astype(gate.dtype)
+
+
+def _swiglu_fwd(gate, up):
+    return swiglu(gate, up), keep((gate, up))
+
+
+def _swiglu_bwd(res, dy):
+    gate, up = unkeep(res)
+    g, u, dy = gate.astype(F32), up.astype(F32), dy.astype(F32)
+    sig = jax.nn.sigmoid(g)
+    d_up = dy * g * sig
+    d_gate = dy * u * sig * (1.0 + g * (1.0 - sig))
+    return d_gate.astype(gate.dtype), d_up.astype(up.dtype)
+
+
+swiglu.defvjp(_swiglu_fwd, _swiglu_bwd)
+
+
 # ----------------------------------------------------------------------------- attention
 
 _NEG = -1e30
@@ -283,11 +361,11 @@ def _attention_probs(q, k, mask, scale):
 def _attention_fwd(q, k, v, mask, scale):
     p = _attention_probs(q, k, mask, scale).astype(q.dtype)
     out = _dot(p, v, 2, 2, batch=1).astype(q.dtype)  # [b, m, t] x [b, d, t] -> [b, m, d]
-    return out, (q, k, v, p)
+    return out, keep((q, k, v, p))
 
 
 def _attention_bwd(scale, res, dout):
-    q, k, v, p = res
+    q, k, v, p = unkeep(res)
     dout = dout.astype(q.dtype)
     dp = _dot(dout, v, 2, 1, batch=1)  # [b, m, d] x [b, d, t] -> [b, m, t]
     pf = p.astype(F32)
@@ -300,6 +378,147 @@ def _attention_bwd(scale, res, dout):
 
 
 grouped_attention.defvjp(_attention_fwd, _attention_bwd)
+
+
+KEY_BLOCK = 512  # keys per step of `blockwise_attention`'s loop
+
+
+def attention(q, k, v, mask, scale):
+    """Softmax attention in `grouped_attention`'s layout, choosing the kernel by key count.
+
+    Up to `2 * KEY_BLOCK` keys the whole probability matrix is one fused step and is kept for
+    the backward pass (fastest on CPU for short sequences); beyond it `blockwise_attention`
+    keeps only the output and one logsumexp per query row, so the residuals of a layer are
+    linear in the sequence length on every backend.
+    """
+    if k.shape[-1] <= 2 * KEY_BLOCK:
+        return grouped_attention(q, k, v, mask, scale)
+    return blockwise_attention(q, k, v, mask, scale)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
+def blockwise_attention(q, k, v, mask, scale, block=KEY_BLOCK):
+    """Flash-style attention: `grouped_attention`'s result, keys visited `block` at a time.
+
+    Same layout and mask as `grouped_attention` (q [b, m, d], k and v [b, d, t], mask bool
+    [batch, s, t]). The forward pass runs an online softmax over key blocks in a `lax.scan`
+    (running max, normalizer and output per query row); the backward pass recomputes each
+    block's probabilities from the saved logsumexp. Residuals: q, k, v, the output and
+    [b, m] logsumexps, never a [m, t] matrix. A query row with no visible key (padding)
+    returns zeros.
+    """
+    out, _ = _blockwise_fwd(q, k, v, mask, scale, block)
+    return out
+
+
+def _key_blocks(k, v, mask, block):
+    """k, v [b, d, t] and mask [batch, s, t] padded to whole blocks (padding masked) and split
+    into [n_blocks, ...] scan inputs."""
+    t = k.shape[-1]
+    pad = -t % block
+    if pad:
+        k = jnp.pad(k, ((0, 0), (0, 0), (0, pad)))
+        v = jnp.pad(v, ((0, 0), (0, 0), (0, pad)))
+        mask = jnp.pad(mask, ((0, 0), (0, 0), (0, pad)))
+    n = (t + pad) // block
+
+    def split(x):
+        return jnp.moveaxis(x.reshape(*x.shape[:-1], n, block), -2, 0)
+
+    return split(k), split(v), split(mask)
+
+
+def _block_scores(q, k_blk, mask_blk, scale):
+    """Masked scaled scores [b, m, block] (masked entries -inf)."""
+    s = _dot(q, k_blk, 2, 1, batch=1) * scale
+    batch, n_q, block = mask_blk.shape
+    s = s.reshape(batch, -1, n_q, block)
+    s = jnp.where(mask_blk[:, None], s, -jnp.inf)
+    return s.reshape(q.shape[0], q.shape[1], block)
+
+
+def _blockwise_fwd(q, k, v, mask, scale, block):
+    b, m, d = q.shape
+    k_blocks, v_blocks, mask_blocks = _key_blocks(k, v, mask, block)
+
+    def step(carry, xs):
+        row_max, norm, acc = carry
+        k_blk, v_blk, mask_blk = xs
+        s = _block_scores(q, k_blk, mask_blk, scale)
+        new_max = jnp.maximum(row_max, jnp.max(s, axis=-1))  # finite: starts at _NEG
+        p = jnp.exp(s - new_max[..., None])
+        rescale = jnp.exp(row_max - new_max)
+        norm = norm * rescale + jnp.sum(p, axis=-1)
+        acc = acc * rescale[..., None] + _dot(p.astype(q.dtype), v_blk, 2, 2, batch=1)
+        return (new_max, norm, acc), None
+
+    init = (jnp.full((b, m), _NEG, F32), jnp.zeros((b, m), F32), jnp.zeros((b, m, d), F32))
+    (row_max, norm, acc), _ = lax.scan(step, init, (k_blocks, v_blocks, mask_blocks))
+    seen = norm > 0
+    out = (acc / jnp.where(seen, norm, 1.0)[..., None]).astype(q.dtype)
+    lse = jnp.where(seen, row_max + jnp.log(jnp.where(seen, norm, 1.0)), 0.0)
+    return out, keep((q, k, v, mask, out, lse))
+
+
+def _blockwise_bwd(scale, block, res, dout):
+    q, k, v, mask, out, lse = unkeep(res)
+    t = k.shape[-1]
+    dout = dout.astype(q.dtype)
+    k_blocks, v_blocks, mask_blocks = _key_blocks(k, v, mask, block)
+    delta = jnp.sum(dout.astype(F32) * out.astype(F32), axis=-1)  # [b, m]: rowsum(dP * P)
+    q_t = real_transpose(q)  # [b, d, m], once for every block's dk
+    dout_t = real_transpose(dout)
+
+    def step(dq, xs):
+        k_blk, v_blk, mask_blk = xs
+        p = jnp.exp(_block_scores(q, k_blk, mask_blk, scale) - lse[..., None])
+        dp = _dot(dout, v_blk, 2, 1, batch=1)  # [b, m, d] x [b, d, n] -> [b, m, n]
+        ds = (p * (dp - delta[..., None]) * scale).astype(q.dtype)
+        dq = dq + _dot(ds, k_blk, 2, 2, batch=1)  # [b, m, n] x [b, d, n] -> [b, m, d]
+        dk = _dot(q_t, ds, 2, 1, batch=1)  # [b, d, m] x [b, m, n] -> [b, d, n]
+        dv = _dot(dout_t, p.astype(q.dtype), 2, 1, batch=1)
+        return dq, (dk.astype(k.dtype), dv.astype(v.dtype))
+
+    dq, (dk, dv) = lax.scan(step, jnp.zeros(q.shape, F32), (k_blocks, v_blocks, mask_blocks))
+
+    def join(x):  # [n, b, d, block] -> [b, d, t]
+        return jnp.moveaxis(x, 0, -2).reshape(*x.shape[1:-1], -1)[..., :t]
+
+    return dq.astype(q.dtype), join(dk), join(dv), None
+
+
+blockwise_attention.defvjp(_blockwise_fwd, _blockwise_bwd)
+
+
+def cudnn_attention_applies(dtype, head_dim: int) -> bool:
+    """True when `fused_attention` should run: tracing for a GPU (and not under
+    `portable_kernels`), half-precision compute, and a head size cuDNN's flash kernel takes."""
+    return (not _FORCE_PORTABLE.get() and jax.default_backend() == "gpu"
+            and jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16) and head_dim % 8 == 0
+            and head_dim <= 128)
+
+
+def fused_attention(q, k, v, mask, scale, implementation="cudnn"):
+    """Attention through `jax.nn.dot_product_attention` (cuDNN's flash kernel on GPU).
+
+    q [b, s, heads, d], k and v [b, t, kv_heads, d] (grouped heads read their KV head), mask
+    bool [b, s, t] (segments, causality and prefix keys as `llama.attention_mask` builds it).
+    Returns [b, s, heads, d]. cuDNN keeps only the output and a logsumexp per query row for
+    the backward pass, so residuals are linear in the sequence length. A query row that sees
+    no key (padding) returns zeros, as the CPU kernels do. `implementation="xla"` runs the same
+    call on any backend (the tests compare it with the CPU kernels). Returns None, with a
+    warning, when cuDNN refuses the call while tracing (a cuDNN too old, a shape it lacks): the
+    caller then runs its portable kernels.
+    """
+    seen = mask.any(-1, keepdims=True)  # [b, s, 1]
+    visible = mask | ~seen  # a padding row attends to every key (no 0/0); its output is zeroed
+    try:
+        out = jax.nn.dot_product_attention(q, k, v, mask=visible[:, None], scale=scale,
+                                           implementation=implementation)
+    except (ValueError, NotImplementedError, RuntimeError) as err:
+        logging.warning("cuDNN attention refused (%s); using the portable kernels", err)
+        return None
+    return jnp.where(seen[..., None], out, 0).astype(q.dtype)
 
 
 # ----------------------------------------------------------------------------- cross-entropy
@@ -321,9 +540,31 @@ def _ce_chunk(h, w, labels, weights, head_is_vocab_major):
     return logits, lse, nll, jnp.sum(correct * weights)
 
 
-def _ce_chunks(n: int, chunk: int):
-    chunk = min(chunk, n)
-    return [(s, min(s + chunk, n)) for s in range(0, n, chunk)]
+def _ce_rows(h, labels, weights, chunk: int):
+    """The rows split into `n_chunks` scan steps of `rows` rows: [n_chunks, rows, ...] views.
+
+    Step j takes rows j, j + n_chunks, j + 2 n_chunks, ... (a reshape to [rows, n_chunks] and
+    a swap), so a row axis split over devices stays split inside every step rather than each
+    step living on one device. Rows padded to a whole number of steps carry weight 0.
+    """
+    n = h.shape[0]
+    n_chunks = -(-n // chunk)
+    rows = -(-n // n_chunks)
+    pad = rows * n_chunks - n
+    if pad:
+        h = jnp.pad(h, ((0, pad), (0, 0)))
+        labels = jnp.pad(labels, (0, pad))
+        weights = jnp.pad(weights, (0, pad))
+
+    def split(x):
+        return jnp.swapaxes(x.reshape(rows, n_chunks, *x.shape[1:]), 0, 1)
+
+    return split(h), split(labels), split(weights)
+
+
+def _ce_unsplit(x, n: int):
+    """Inverse of `_ce_rows` for a per-row result [n_chunks, rows, ...] -> [n, ...]."""
+    return jnp.swapaxes(x, 0, 1).reshape(-1, *x.shape[2:])[:n]
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6))
@@ -334,38 +575,45 @@ def fused_cross_entropy(h, w, labels, weights, dtype, head_is_vocab_major=False,
     table when `head_is_vocab_major`), labels [n] int, weights [n] f32. Under differentiation
     the forward pass also computes d/dh and d/dw chunk by chunk (the softmax is at hand then),
     so the [n, vocab] f32 logits never exist at once and the backward pass is a multiply.
+    The chunks are the steps of a `lax.scan`, so XLA cannot unroll them into buffers that are
+    all live at once.
     """
-    wc = w.astype(dtype)
-    hc = h.astype(dtype)
-    loss, correct = jnp.zeros((), F32), jnp.zeros((), F32)
-    for s, e in _ce_chunks(h.shape[0], chunk):
-        _, _, nll, c = _ce_chunk(hc[s:e], wc, labels[s:e], weights[s:e], head_is_vocab_major)
-        loss, correct = loss + jnp.sum(nll * weights[s:e]), correct + c
+    (loss, correct), _ = _ce_fwd(h, w, labels, weights, dtype, head_is_vocab_major, chunk,
+                                 with_gradients=False)
     return loss, correct
 
 
-def _ce_fwd(h, w, labels, weights, dtype, head_is_vocab_major, chunk):
+def _ce_fwd(h, w, labels, weights, dtype, head_is_vocab_major, chunk, with_gradients=True):
     wc = w.astype(dtype)
-    hc = h.astype(dtype)
-    loss, correct = jnp.zeros((), F32), jnp.zeros((), F32)
-    dh_parts, nll_parts = [], []
-    dw_t = None  # accumulated in [dim, vocab] layout: h^T @ dlogits is the fast form
-    for s, e in _ce_chunks(h.shape[0], chunk):
-        logits, lse, nll, c = _ce_chunk(hc[s:e], wc, labels[s:e], weights[s:e], head_is_vocab_major)
-        loss, correct = loss + jnp.sum(nll * weights[s:e]), correct + c
-        nll_parts.append(nll)
+    n, dim = h.shape
+    h_steps, label_steps, weight_steps = _ce_rows(h.astype(dtype), labels, weights, chunk)
+
+    def step(carry, xs):
+        loss, correct, dw_t = carry
+        hc, lab, wt = xs
+        logits, lse, nll, c = _ce_chunk(hc, wc, lab, wt, head_is_vocab_major)
+        loss, correct = loss + jnp.sum(nll * wt), correct + c
+        if not with_gradients:
+            return (loss, correct, dw_t), None
         dlogits = jnp.exp(logits - lse[:, None])
-        dlogits = dlogits - jax.nn.one_hot(labels[s:e], logits.shape[-1], dtype=F32)
-        dlogits = (dlogits * weights[s:e, None]).astype(dtype)
+        dlogits = dlogits - jax.nn.one_hot(lab, logits.shape[-1], dtype=F32)
+        dlogits = (dlogits * wt[:, None]).astype(dtype)
         if head_is_vocab_major:
-            dh_parts.append(_dot(dlogits, wc, 1, 0))  # [c, v] x [v, d]
+            dh = _dot(dlogits, wc, 1, 0)  # [c, v] x [v, d]
         else:
-            dh_parts.append(_dot(dlogits, wc, 1, 1))  # [c, v] x [d, v]
-        part = _dot(real_transpose(hc[s:e]), dlogits, 1, 0)  # [d, c] x [c, v]
-        dw_t = part if dw_t is None else dw_t + part
-    dh = jnp.concatenate(dh_parts, axis=0).astype(h.dtype)
+            dh = _dot(dlogits, wc, 1, 1)  # [c, v] x [d, v]
+        # accumulated in [dim, vocab] layout: h^T @ dlogits is the fast form
+        dw_t = dw_t + _dot(real_transpose(hc), dlogits, 1, 0)  # [d, c] x [c, v]
+        return (loss, correct, dw_t), (dh.astype(h.dtype), nll)
+
+    vocab = w.shape[0] if head_is_vocab_major else w.shape[1]
+    dw_init = jnp.zeros((dim, vocab) if with_gradients else (), F32)
+    init = (jnp.zeros((), F32), jnp.zeros((), F32), dw_init)
+    (loss, correct, dw_t), per_row = lax.scan(step, init, (h_steps, label_steps, weight_steps))
+    if not with_gradients:
+        return (loss, correct), None
+    dh, nll = (_ce_unsplit(x, n) for x in per_row)
     dw = (real_transpose(dw_t) if head_is_vocab_major else dw_t).astype(w.dtype)
-    nll = jnp.concatenate(nll_parts)
     return (loss, correct), (dh, dw, nll)
 
 

@@ -32,3 +32,19 @@ def reexec_with_fast_allocator():
     if "concurrency_optimized_scheduler" not in flags:
         env["XLA_FLAGS"] = (flags + " " + XLA_CPU_FLAGS).strip()
     os.execve(sys.executable, [sys.executable] + sys.orig_argv[1:], env)
+
+
+def simulate_host_devices_for_plan(argv: list[str]):
+    """For `bench --plan --mesh=...`: let the CPU backend present as many devices as the mesh
+    names (XLA's host device count, read once when JAX starts), so a plan for 8 accelerators
+    compiles on a laptop. No effect without `--plan`, or when XLA_FLAGS already sets a count."""
+    if "--plan" not in argv and "--plan=true" not in [a.lower() for a in argv]:
+        return
+    mesh = next((a.split("=", 1)[1] for a in argv if a.startswith("--mesh=")), "")
+    n = 1
+    for part in filter(None, mesh.split(",")):
+        size = part.partition(":")[2]
+        n *= int(size) if size.isdigit() else 1
+    flags = os.environ.get("XLA_FLAGS", "")
+    if n > 1 and "xla_force_host_platform_device_count" not in flags:
+        os.environ["XLA_FLAGS"] = f"{flags} --xla_force_host_platform_device_count={n}".strip()

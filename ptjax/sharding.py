@@ -142,6 +142,24 @@ def constrain(x, logical_axes):
         x, NamedSharding(mesh, spec_for(logical_axes, x.shape, mesh, rules)))
 
 
+def constrain_stacked_layers(stacked):
+    """Annotate layer parameters stacked along a leading layer axis (`llama.stack`) with their
+    per-layer shardings and the layer axis whole (no-op outside `use`).
+
+    Why: the stack is a new array inside the step; without its sharding XLA may gather every
+    layer's weights onto each device before the scan, losing FSDP's 1/N.
+    """
+    active = _ACTIVE.get()
+    if active is None:
+        return stacked
+    mesh, rules = active
+    one_layer = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape[1:], x.dtype), stacked)
+    shardings = param_shardings(one_layer, mesh, rules)
+    return jax.tree.map(
+        lambda x, s: jax.lax.with_sharding_constraint(x, NamedSharding(mesh, P(None, *s.spec))),
+        stacked, shardings)
+
+
 def initialize_distributed(coordinator: str = "", num_processes: int = 0, process_id: int = -1):
     """Start JAX's multi-controller runtime when running one process per host.
 

@@ -37,8 +37,9 @@ def compiled_step_hlo(cfg, trainable=".*", tie=False):
 @pytest.mark.parametrize("tie", [False, True])
 def test_bf16_train_step_dots_are_fast_form(tie):
     found = dots(compiled_step_hlo(CFG, tie=tie))
-    # Forward, input-gradient and weight-gradient dots of 7 projections x 2 layers, attention and head.
-    assert len(found) >= 3 * 7 * 2
+    # Forward, input-gradient and weight-gradient dots of 7 projections (once, in the body of
+    # the scan over layers), attention and head.
+    assert len(found) >= 3 * 7
     bad = [(d.instr.name, d.lhs.shape, d.rhs.shape, slow_reasons(d, "bf16")) for d in found
            if slow_reasons(d, "bf16")]
     assert not bad, bad

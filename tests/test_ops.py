@@ -173,3 +173,113 @@ def test_bf16_cross_entropy_gradients_close_to_float32(vocab_major):
         chex.assert_type(a, jnp.float32)
         b = np.asarray(b)
         np.testing.assert_allclose(np.asarray(a), b, atol=0.03 * np.abs(b).max())
+
+
+def _attention_case(batch=2, kv=2, g=3, s=40, t=75, d=16):
+    """Random q/k/v in `grouped_attention`'s layout and a mask with causal structure, a
+    different pattern per batch row and one padding row (no visible key)."""
+    q = _rand(0, (batch * kv, g * s, d))
+    k, v = _rand(1, (batch * kv, d, t)), _rand(2, (batch * kv, d, t))
+    mask = jnp.tril(jnp.ones((s, t), bool), k=t - s)[None].repeat(batch, 0)
+    mask = mask & (jax.random.uniform(jax.random.key(4), (batch, s, t)) < 0.7)
+    mask = mask.at[:, :, t - s].set(True)  # every row sees at least its own key...
+    mask = mask.at[0, 3].set(False)  # ...but one padding row, which sees none
+    seen = np.broadcast_to(np.asarray(mask.any(-1))[:, None, None, :], (batch, kv, g, s))
+    rows = jnp.asarray(seen.reshape(batch * kv, g * s, 1), jnp.float32)
+    return q, k, v, mask, rows
+
+
+@pytest.mark.parametrize("block", [16, 25, 128])  # ragged last block, exact blocks, one block
+def test_blockwise_attention_matches_autodiff_and_zeroes_padding_rows(block):
+    q, k, v, mask, rows = _attention_case()
+    cot = _rand(3, q.shape) * rows  # padding rows carry no loss, as in training
+    got = lambda q, k, v: ops.blockwise_attention(q, k, v, mask, 0.3, block)  # noqa: E731
+    # the reference's padding row would be a softmax over nothing (NaN): let it see every key;
+    # its cotangent is zero, so it adds nothing to any gradient
+    visible = mask | ~mask.any(-1, keepdims=True)
+    ref = lambda q, k, v: _reference_attention(q, k, v, visible, 0.3)  # noqa: E731
+    out = got(q, k, v)
+    np.testing.assert_allclose(out * rows, ref(q, k, v) * rows, rtol=1e-5, atol=1e-6)
+    np.testing.assert_array_equal(np.asarray(out)[np.asarray(rows[..., 0]) == 0], 0.0)
+    loss = lambda f: lambda *a: jnp.sum(f(*a) * cot)  # noqa: E731
+    for a, b in zip(jax.grad(loss(got), (0, 1, 2))(q, k, v), jax.grad(loss(ref), (0, 1, 2))(q, k, v)):
+        chex.assert_equal_shape([a, b])
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+
+
+def test_blockwise_attention_bf16_close_to_float32_and_keeps_dtypes():
+    q, k, v, mask, rows = _attention_case(s=64, t=64)
+    cot = _rand(3, q.shape) * rows
+
+    def f(q, k, v, dtype, fn):
+        return jnp.sum(fn(q.astype(dtype), k.astype(dtype), v.astype(dtype)).astype(jnp.float32) * cot)
+
+    blockwise = lambda q, k, v: ops.blockwise_attention(q, k, v, mask, 0.25, 16)  # noqa: E731
+    got = jax.grad(f, (0, 1, 2))(q, k, v, jnp.bfloat16, blockwise)
+    visible = mask | ~mask.any(-1, keepdims=True)  # as above: the padding row sees all keys
+    want = jax.grad(f, (0, 1, 2))(q, k, v, jnp.float32,
+                                  lambda q, k, v: _reference_attention(q, k, v, visible, 0.25))
+    for name, a, b in zip("qkv", got, want):
+        chex.assert_type(a, jnp.float32)
+        b = np.asarray(b)
+        np.testing.assert_allclose(np.asarray(a), b, atol=0.03 * np.abs(b).max(), err_msg=name)
+
+
+def test_attention_keeps_the_probabilities_only_for_short_key_ranges():
+    """`attention` picks the blockwise kernel past 2 * KEY_BLOCK keys: its backward residuals
+    hold no [m, t] matrix (the jaxpr of the VJP's forward shows the residual shapes)."""
+    def residual_shapes(t):
+        q, k, v = (jnp.zeros((2, 8, 4), jnp.bfloat16), jnp.zeros((2, 4, t), jnp.bfloat16),
+                   jnp.zeros((2, 4, t), jnp.bfloat16))
+        mask = jnp.ones((1, 4, t), bool)
+        _, vjp = jax.vjp(lambda q, k, v: ops.attention(q, k, v, mask, 0.5), q, k, v)
+        return [x.shape for x in jax.tree.leaves(vjp)]
+
+    assert (2, 8, 2 * ops.KEY_BLOCK) in residual_shapes(2 * ops.KEY_BLOCK)
+    long = 2 * ops.KEY_BLOCK + 1
+    assert all(s[-2:] != (8, long) for s in residual_shapes(long)), residual_shapes(long)
+    assert (2, 8) in residual_shapes(long)  # the logsumexps
+
+
+def test_swiglu_matches_autodiff_and_keeps_dtypes():
+    gate, up = _rand(0, (6, 24), 3.0), _rand(1, (6, 24))
+    cot = _rand(2, (6, 24))
+    ref = lambda g, u: jnp.sum(jax.nn.silu(g) * u * cot)  # noqa: E731
+    got = lambda g, u: jnp.sum(ops.swiglu(g, u) * cot)  # noqa: E731
+    np.testing.assert_allclose(got(gate, up), ref(gate, up), rtol=1e-6)
+    for a, b in zip(jax.grad(got, (0, 1))(gate, up), jax.grad(ref, (0, 1))(gate, up)):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+    gb, ub = gate.astype(jnp.bfloat16), up.astype(jnp.bfloat16)
+    chex.assert_type([ops.swiglu(gb, ub), *jax.grad(
+        lambda g, u: jnp.sum(ops.swiglu(g, u).astype(jnp.float32)), (0, 1))(gb, ub)],
+        jnp.bfloat16)
+
+
+def test_bf16_residuals_are_kept_as_their_bits():
+    """`keep` stores bf16 residuals as uint16 on CPU (XLA's CPU scan stacks them in place
+    then) and `unkeep` returns the same values; other dtypes pass through."""
+    tree = (jnp.array([1.5, -2.25], jnp.bfloat16), jnp.array([3.0]), jnp.array([1], jnp.int8))
+    kept = ops.keep(tree)
+    assert [x.dtype for x in kept] == [jnp.uint16, jnp.float32, jnp.int8]
+    back = ops.unkeep(kept)
+    chex.assert_trees_all_equal(back, tree)
+    with ops.portable_kernels():
+        assert ops.keep(tree)[0].dtype == jnp.bfloat16
+
+
+def test_portable_kernels_drop_the_cpu_copies_not_the_numbers():
+    """Under `portable_kernels` (the GPU/TPU path) `real_transpose` is a plain transpose and
+    dense gradients are unchanged."""
+    a = _rand(0, (6, 10))
+    # fresh functions: a trace is cached per function, whatever the context
+    with ops.portable_kernels():
+        assert not ops.cpu_layouts()
+        jaxpr = str(jax.make_jaxpr(lambda a: ops.real_transpose(a))(a))
+        np.testing.assert_array_equal(ops.real_transpose(a), np.asarray(a).T)
+        x, w, cot = _rand(1, (8, 10)), _rand(2, (10, 12)), _rand(3, (8, 12))
+        portable = jax.grad(lambda x, w: jnp.sum(ops.dense(x, w, jnp.float32) * cot), (0, 1))(x, w)
+    assert ops.cpu_layouts()
+    assert "reshape" in str(jax.make_jaxpr(lambda a: ops.real_transpose(a))(a))
+    assert "reshape" not in jaxpr
+    cpu = jax.grad(lambda x, w: jnp.sum(ops.dense(x, w, jnp.float32) * cot), (0, 1))(x, w)
+    chex.assert_trees_all_close(portable, cpu, rtol=1e-6)

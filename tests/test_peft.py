@@ -216,7 +216,7 @@ def test_method_trains_only_its_parameters_and_lowers_loss(method, warm_base):
     cfg = peft_cfg(method, freeze="^(embed|layers_0)/" if method == "full" else "",
                    num_virtual=8, reparam_hidden=32 if method == "prefix" else 0)
     params, trainable = peft.apply(warm_base, CFG, cfg, jax.random.key(2))
-    tx = optax.adam({"prompt": 1e-1, "ptuning": 3e-2, "prefix": 3e-2}.get(method, 1e-2))
+    tx = optax.adam({"prompt": 3e-2, "ptuning": 3e-2, "prefix": 3e-2}.get(method, 1e-2))
     state = state_lib.create(params, ptree.select(params, trainable), tx, seed=0)
     n_train = ptree.count(state.trainable)
     assert 0 < n_train < ptree.count(params)

@@ -67,10 +67,10 @@ _SINGLE: dict = {}
 # most (FSDP alone, and all three axes).
 CASES = [(strategy, "full") for strategy in STRATEGIES] + [
     (strategy, method) for strategy in ("fsdp", "dp+fsdp+tp") for method in ("lora", "qlora")]
-# Known: on the 2 x 2 x 2 mesh XLA's SPMD partitioner replicates one f32[2, 32, 32] operand of
-# the backward and partitions it again (its warning names the two shardings). When this
-# assertion fails, the rematerialization is gone: drop the case from this set.
-KNOWN_REMAT = {"dp+fsdp+tp"}
+# Strategies on which XLA's SPMD partitioner is known to replicate an operand and partition it
+# again. Empty since layers run as one scan: with the unrolled loop the 2 x 2 x 2 mesh's
+# backward rematerialized one f32[2, 32, 32] operand. A case added here must warn (strict).
+KNOWN_REMAT: set = set()
 
 
 @pytest.mark.parametrize("strategy,method", CASES)

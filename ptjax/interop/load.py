@@ -174,7 +174,7 @@ def check_preset(cfg: ModelConfig, preset_cfg: ModelConfig, source: str) -> None
     Why: a config file may still name a preset when `model.init` is given; silently preferring
     either side would run a model other than the one the user asked for.
     """
-    ignore = {"dtype", "remat", "max_position_embeddings"}
+    ignore = {"dtype", "remat", "scan_layers", "max_position_embeddings"}
     diffs = [f"{f.name}: checkpoint {getattr(cfg, f.name)!r}, preset {getattr(preset_cfg, f.name)!r}"
              for f in dataclasses.fields(ModelConfig)
              if f.name not in ignore and getattr(cfg, f.name) != getattr(preset_cfg, f.name)]

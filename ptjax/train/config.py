@@ -66,6 +66,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.model.preset = ""
     c.model.dtype = "float32"  # compute dtype of the matmuls; master weights stay float32
     c.model.remat = "none"  # or "full"
+    c.model.scan_layers = True  # layers as one lax.scan; False unrolls them (compiles per layer)
     c.model.init = ""  # Hugging Face folder, .gguf file or ptjax run to start from ("" = random)
 
     c.data = ml_collections.ConfigDict()

@@ -31,12 +31,14 @@ from ptjax.train import state as state_lib
 
 
 def model_config(config, checkpoint_cfg: ModelConfig | None = None) -> ModelConfig:
-    """The model a run config asks for, with its `model.dtype` / `model.remat`.
+    """The model a run config asks for, with its `model.dtype`, `model.remat` and
+    `model.scan_layers`.
 
     With a checkpoint (`model.init`), its own config is the model and a `model.preset`, if the
     config names one, must agree with it; without one, `model.preset` (default "demo") picks it.
     """
-    overrides = {"dtype": config.model.dtype, "remat": config.model.remat}
+    overrides = {"dtype": config.model.dtype, "remat": config.model.remat,
+                 "scan_layers": config.model.scan_layers}
     if checkpoint_cfg is None:
         return preset(config.model.preset or "demo", **overrides)
     if config.model.preset:
