@@ -119,11 +119,11 @@ def dense_vocab_major(h, table, dtype):
 
 
 def _dense_fwd(x, w, dtype):
-    return dense(x, w, dtype), keep((x, w))
+    return dense(x, w, dtype), (keep(x), w)
 
 
 def _dense_bwd(dtype, res, dy):
-    x, w = unkeep(res)
+    x, w = unkeep(res[0]), res[1]
     xc = x.astype(dtype).reshape(-1, x.shape[-1])
     wc = w.astype(dtype)
     dy = dy.astype(dtype).reshape(-1, dy.shape[-1])
@@ -145,11 +145,11 @@ def dense_t(x, w_t, dtype):
 
 
 def _dense_t_fwd(x, w_t, dtype):
-    return dense_t(x, w_t, dtype), keep((x, w_t))
+    return dense_t(x, w_t, dtype), (keep(x), w_t)
 
 
 def _dense_t_bwd(dtype, res, dy):
-    x, w_t = unkeep(res)
+    x, w_t = unkeep(res[0]), res[1]
     xc = x.astype(dtype).reshape(-1, x.shape[-1])
     dy = dy.astype(dtype).reshape(-1, dy.shape[-1])
     dx = _dot(dy, w_t.astype(dtype), 1, 0)  # [m, out] x [out, in]
