@@ -333,12 +333,15 @@ def hidden_states(params: Params, cfg: ModelConfig, inputs_embeds, positions, se
 
     Layers run as one `lax.scan` over their parameters stacked inside the step (`stack`), so
     the program holds one layer's code whatever the depth: the full bf16 step of llama-1b's
-    width (batch 1 x 2048) compiles in 7.4 s at 16 layers and 17.9 s at 80 on the 2-core CPU,
-    against 8.5 s and 64 s unrolled; what still grows is per-layer leaf work outside the
-    scan (the optimizer update, gradient norm, stacking). The stored tree, and everything
-    that reads it (selectors, checkpoints, HF/PEFT files), keeps its per-layer paths; the
-    stacked copy exists only inside the step. Layers whose parameters differ in structure (an
-    adapter on some layers only), or `cfg.scan_layers=False`, run unrolled.
+    width (batch 1 x 2048, `bench --plan --layers=N`) compiles in 10.3 s at 16 layers and 23 s
+    at 80 on the 2-core CPU, against 17.5 s and 107 s unrolled; what still grows is per-layer
+    leaf work outside the scan (the optimizer update, gradient norm, stacking). The price is
+    memory: the stacked copy of the layers (and, for trainable layers, their stacked
+    gradients before they are split per layer) lives in the step's scratch (README, "Deep
+    models"). The stored tree, and everything that reads it (selectors, checkpoints, HF/PEFT
+    files), keeps its per-layer paths; the stacked copy exists only inside the step. Layers
+    whose parameters differ in structure (an adapter on some layers only), or
+    `cfg.scan_layers=False`, run unrolled.
     """
     b, s, _ = inputs_embeds.shape
     slots = jnp.broadcast_to(jnp.arange(s, dtype=jnp.int32), (b, s))
