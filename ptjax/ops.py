@@ -393,7 +393,7 @@ def attention(q, k, v, mask, scale):
     """
     if k.shape[-1] <= 2 * KEY_BLOCK:
         return grouped_attention(q, k, v, mask, scale)
-    return blockwise_attention(q, k, v, mask, scale)
+    return blockwise_attention(q, k, v, mask, scale, KEY_BLOCK)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
