@@ -150,7 +150,6 @@ def test_prune_config_gradual_reaches_the_sparsity_and_resumes(checkpoint_and_te
 def test_compare_compression_measures_each_variant_once_and_resumes(tmp_path, capsys):
     """The demo subject with a few steps and four rows; a row removed from summary.json is the
     only one a rerun computes again."""
-    sys.path.insert(0, REPO)
     from configs.compare_compression import get_config
     from ptjax.recipes import compare_compression
 

@@ -3,15 +3,13 @@ summary.json promises; the graded ranking orders answers."""
 
 import json
 import os
-import sys
 
 import numpy as np
 import pytest
 
 from ptjax import data as D
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
-from configs.demo import get_config  # noqa: E402
+from configs.demo import get_config
 
 
 def test_grade_orders_answers_by_closeness():

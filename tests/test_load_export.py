@@ -166,3 +166,27 @@ def test_exported_tokenizer_puts_bos_in_front_exactly_once(tmp_path):
     export.save_tokenizer(HFTokenizer(tok, eos_id=2, bos_id=1, add_bos=False), str(tmp_path / "c"))
     plain = tokenizers.Tokenizer.from_file(str(tmp_path / "c" / "tokenizer.json"))
     assert plain.encode("sort", add_special_tokens=True).ids == tok.encode("sort").ids
+
+
+def test_a_byte_tokenizer_model_exported_by_ptjax_loads_back(tmp_path):
+    """A folder exported from a model on ptjax's byte tokenizer (no tokenizer.json) loads as
+    `model.init` with that tokenizer and the same weights; a folder without tokenizer.json and
+    without the mark is still refused."""
+    from ptjax.data import load_tokenizer
+    from ptjax.data.tokenizer import ByteTokenizer
+
+    cfg = preset("tiny")
+    params = jax.device_get(llama.init_params(cfg, jax.random.key(1)))
+    folder = str(tmp_path / "byte_model")
+    export.save_hf(params, cfg, load_tokenizer("byte"), folder)
+    back = load.load(folder)
+    assert isinstance(back.tokenizer, ByteTokenizer)
+    assert back.tokenizer.encode("hi") == load_tokenizer("byte").encode("hi")
+    chex.assert_trees_all_close(back.params, params)
+    with open(tmp_path / "byte_model" / "config.json") as f:
+        config = json.load(f)
+    del config[export.BYTE_TOKENIZER_KEY]
+    with open(tmp_path / "byte_model" / "config.json", "w") as f:
+        json.dump(config, f)
+    with pytest.raises(FileNotFoundError, match="no tokenizer.json"):
+        load.load(folder)

@@ -6,7 +6,6 @@ import dataclasses
 import chex
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from ptjax import bench, ops
 from ptjax.models import llama

@@ -18,6 +18,7 @@ import sys
 import time
 
 import numpy as np
+import pytest
 from safetensors.numpy import load_file
 
 from ptjax import data as D
@@ -146,3 +147,62 @@ def test_to_device_lays_out_the_global_batch():
     assert out["inputs"].shape == (8, 3)
     assert len(out["inputs"].sharding.device_set) == len(jax.devices())
     np.testing.assert_array_equal(np.asarray(out["inputs"]), batch["inputs"])
+
+
+PPO_STEPS = 3
+
+
+def _ppo_command(policy: str, prompts: str, workdir: str, *extra: str) -> list[str]:
+    return [sys.executable, "launch.py", "--config=configs/ppo.py", f"--workdir={workdir}",
+            f"--config.model.init={policy}",
+            f"--config.ppo.prompts={prompts}",
+            "--config.ppo.reward_fn=ptjax.data.synthetic:graded_reward",
+            f"--config.train.steps={PPO_STEPS}", "--config.train.batch_size=8",
+            "--config.ppo.max_new_tokens=6", "--config.ppo.epochs=1",
+            "--config.ppo.minibatches=2", f"--config.checkpoint.every={PPO_STEPS}",
+            "--config.mesh.data=1", "--config.mesh.fsdp=-1", *extra]
+
+
+def _ppo_rows(workdir: str) -> dict:
+    with open(os.path.join(workdir, "metrics.jsonl")) as f:
+        rows = [json.loads(line) for line in f if line.strip()]
+    rows = [r for r in rows if "ppo/score" in r]
+    return {k: np.array([r[k] for r in rows]) for k in
+            ("step", "ppo/score", "ppo/kl", "ppo/approx_kl", "ppo/value_loss", "ppo/entropy",
+             "ppo/response_length")}
+
+
+@pytest.mark.slow
+def test_two_processes_run_ppo_like_one(tmp_path):
+    """PPO's rollouts, scores, statistics and updates across two processes (FSDP over both,
+    results gathered from the other host where the loop reads them) equal one process's."""
+    import jax
+
+    from ptjax.interop import export
+    from ptjax.models import llama
+    from ptjax.models.config import preset
+
+    policy = str(tmp_path / "policy")
+    cfg = preset("tiny")
+    export.save_hf(jax.device_get(llama.init_params(cfg, jax.random.key(0))), cfg,
+                   D.load_tokenizer("byte"), policy)
+    prompts = str(tmp_path / "prompts.jsonl")
+    D.write_jsonl(prompts, [{"prompt": r["prompt"]} for r in D.instruction_records(64, 1)])
+    single = str(tmp_path / "single")
+    reference = subprocess.run(_ppo_command(policy, prompts, single), cwd=ROOT, env=_env(4),
+                               capture_output=True, text=True, timeout=240)
+    assert reference.returncode == 0, reference.stdout[-2000:] + reference.stderr[-2000:]
+    multi = str(tmp_path / "multi")
+    port = _free_port()
+    procs = []
+    for pid in (1, 0):
+        log = open(tmp_path / f"ppo_{pid}.log", "w")
+        procs.append(subprocess.Popen(
+            _ppo_command(policy, prompts, multi, f"--coordinator=127.0.0.1:{port}", "--num_processes=2",
+                         f"--process_id={pid}"),
+            cwd=ROOT, env=_env(2), stdout=log, stderr=subprocess.STDOUT, start_new_session=True))
+    assert _wait(procs) == [0, 0], open(tmp_path / "ppo_0.log").read()[-3000:]
+    want, got = _ppo_rows(single), _ppo_rows(multi)
+    np.testing.assert_array_equal(got["step"], np.arange(1, PPO_STEPS + 1))
+    for k in want:
+        np.testing.assert_allclose(got[k], want[k], rtol=1e-4, atol=1e-6, err_msg=k)

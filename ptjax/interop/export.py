@@ -16,6 +16,9 @@ import tokenizers
 
 from ptjax.models.config import ModelConfig
 
+# config.json key marking a folder whose model reads ptjax's byte tokenizer (no tokenizer.json).
+BYTE_TOKENIZER_KEY = "ptjax_byte_tokenizer"
+
 HF_DTYPES = ("float32", "bfloat16", "float16")
 GGUF_DTYPES = ("F32", "F16", "Q8_0")
 
@@ -82,8 +85,10 @@ def save_hf(params, cfg: ModelConfig, tokenizer, folder: str, *, generation: dic
 
     token_ids = {"bos_token_id": tokenizer.bos_id, "eos_token_id": tokenizer.eos_id,
                  "pad_token_id": tokenizer.pad_id}
+    if not hasattr(tokenizer, "tokenizer"):  # the byte tokenizer has no tokenizer.json to write:
+        token_ids[BYTE_TOKENIZER_KEY] = True  # the loader reads this mark instead
     hf.save_params(params, cfg, folder, dtype=dtype, extra_config=token_ids)
-    if hasattr(tokenizer, "tokenizer"):  # the byte tokenizer has no tokenizer.json to write
+    if hasattr(tokenizer, "tokenizer"):
         save_tokenizer(tokenizer, folder, cfg.max_position_embeddings)
     with open(os.path.join(folder, "generation_config.json"), "w", encoding="utf-8") as f:
         json.dump(generation_config(tokenizer, generation), f, indent=2)

@@ -18,7 +18,7 @@ import os
 import ml_dtypes
 import numpy as np
 
-from ptjax.data.tokenizer import HFTokenizer
+from ptjax.data.tokenizer import ByteTokenizer, HFTokenizer
 from ptjax.models.config import ModelConfig
 
 # The sampling settings a generation_config.json may carry, and what they are when it does not.
@@ -102,12 +102,27 @@ def _check_vocab(tokenizer: HFTokenizer, cfg: ModelConfig, source: str) -> None:
                          f"embedding table only {cfg.vocab_size} rows")
 
 
+def _reads_byte_tokenizer(folder: str) -> bool:
+    """True for a folder ptjax exported from a model trained on its byte tokenizer (config.json
+    carries `export.BYTE_TOKENIZER_KEY` and there is no tokenizer.json), so a run's export can
+    start the next run (`model.init`), as the demo's SFT model starts PPO."""
+    from ptjax.interop.export import BYTE_TOKENIZER_KEY
+
+    if os.path.isfile(os.path.join(folder, "tokenizer.json")):
+        return False
+    with open(os.path.join(folder, "config.json"), encoding="utf-8") as f:
+        return bool(json.load(f).get(BYTE_TOKENIZER_KEY))
+
+
 def _load_hf(folder: str, dtype: str, overrides: dict) -> Pretrained:
     from ptjax.interop import hf
 
     cfg = hf.config_from_hf(folder, **overrides)
-    tokenizer = HFTokenizer.from_folder(folder)
-    _check_vocab(tokenizer, cfg, folder)
+    if _reads_byte_tokenizer(folder):
+        tokenizer = ByteTokenizer()
+    else:
+        tokenizer = HFTokenizer.from_folder(folder)
+        _check_vocab(tokenizer, cfg, folder)
     params = hf.load_params(folder, cfg)
     generation = read_generation_config(folder)
     return Pretrained(_cast(params, dtype), cfg, tokenizer, generation, folder)

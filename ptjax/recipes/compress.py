@@ -124,7 +124,7 @@ def compress(c, params, model_cfg, calibration: np.ndarray, workdir: str, train_
     c.train.seq_len = calibration.shape[1]
     result = trainer.train(c, workdir, train_examples, init_params=params, model_cfg=model_cfg,
                            tokenizer=tokenizer, show_progress=False)
-    return quant.convert(jax.device_get(result.params))
+    return quant.convert(ptree.to_host(result.params))
 
 
 def measure(params, model_cfg, evaluation, accuracy_fn=None) -> dict:

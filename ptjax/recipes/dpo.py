@@ -16,6 +16,7 @@ import jax
 import numpy as np
 
 from ptjax import quant
+from ptjax import tree as ptree
 from ptjax.data import pairs as P
 from ptjax.recipes import reward as reward_recipe
 from ptjax.recipes import sft
@@ -42,7 +43,7 @@ def precompute_reference(params, cfg, pairs, seq_len: int, batch_size: int, aver
     fn = jax.jit(functools.partial(dpo.pair_logps, cfg=cfg, average=average))
     chosen, rejected = [], []
     for batch in P.pair_eval_batches(pairs, seq_len, batch_size):
-        c, r = jax.device_get(fn(params, batch=batch))
+        c, r = ptree.to_host(fn(params, batch=batch))  # every process joins
         n = int(batch["weight"].sum())
         chosen.append(c[:n])
         rejected.append(r[:n])

@@ -106,8 +106,8 @@ def train(config, workdir: str, prompts: list, tokenizer, init_params, model_cfg
             advantages = np.asarray(grpo.group_advantages(rewards, g, gc.estimator))
             t2 = time.perf_counter()
             batch = {"tokens": ro.tokens, "mask": ro.mask, "response": ro.response}
-            full = jax.device_get({**batch, **logp_fn(state.params, reference, batch),
-                                   "advantages": advantages.astype(np.float32)})
+            full = ptree.to_host({**batch, **logp_fn(state.params, reference, batch),
+                                  "advantages": advantages.astype(np.float32)})
             step_metrics = []
             for epoch in range(gc.epochs):
                 perm = np.random.default_rng([config.seed, it, epoch]).permutation(rows_per_iteration)
@@ -117,7 +117,7 @@ def train(config, workdir: str, prompts: list, tokenizer, init_params, model_cfg
                                                   batch_sharding)
                     state, m = update_fn(state, minibatch, jax.random.fold_in(key, 1 + 97 * epoch + j))
                     step_metrics.append(m)
-            step_metrics = jax.device_get(step_metrics)
+            step_metrics = ptree.to_host(step_metrics)
             t3 = time.perf_counter()
             row = {"grpo/score": float(parts.sum(0).mean()),
                    "grpo/kl": float(np.mean([m["kl"] for m in step_metrics])
@@ -160,6 +160,9 @@ def run(config, workdir: str) -> trainer.Result:
         raise ValueError("grpo.prompts: a JSONL file of {\"prompt\": ...} records is required")
     prompts = D.read_prompts_jsonl(gc.prompts)
     model_cfg, init_params, tokenizer, _ = sft.load_base(config)
+    if init_params is None:
+        raise ValueError("model.init: GRPO starts from a trained policy (an SFT run, a Hugging "
+                         "Face folder or a GGUF file)")
     if gc.reward_model:
         rm_params, rm_cfg = reward_recipe.load_reward_model(gc.reward_model)
         scorer = dict(score_tokens=ppo_recipe.model_scorer(rm_params, rm_cfg, model_cfg))

@@ -64,8 +64,8 @@ def model_scorer(reward_params, reward_cfg, policy_cfg):
                          f"policy's has {policy_cfg.vocab_size}: train the reward model with the "
                          "policy's tokenizer")
     fn = jax.jit(functools.partial(reward.scores, cfg=reward_cfg))
-    return lambda tokens, mask, response: np.asarray(fn(reward_params, tokens=tokens, mask=mask,
-                                                        response=response))
+    return lambda tokens, mask, response: np.asarray(ptree.to_host(
+        fn(reward_params, tokens=tokens, mask=mask, response=response)))
 
 
 @dataclasses.dataclass
@@ -83,7 +83,7 @@ class Rollout:
 def rollout(generate_fn, params, prompt_ids, tokenizer, pad_id, rng, prompt_len: int) -> Rollout:
     """Sample one response per prompt (left-padded to `prompt_len`) and lay out the rows."""
     tokens, mask = sampling.left_pad(prompt_ids, prompt_len, pad_id)
-    out = jax.device_get(generate_fn(params, tokens, mask, rng))
+    out = ptree.to_host(generate_fn(params, tokens, mask, rng))  # every process joins
     n = out["tokens"].shape[1]
     valid = np.arange(n)[None, :] < out["lengths"][:, None]
     stop = set(sampling.tokenizer_stop_ids(tokenizer))
@@ -301,8 +301,9 @@ def train(config, workdir: str, prompts: list, tokenizer, init_params, model_cfg
             stats = stats_fn(state.params, reference, batch,
                              critic=None if critic is None else critic.params)
             adv = adv_fn(stats, score, ro.response, beta=beta)
-            full = jax.device_get({**batch, **stats, "advantages": adv["advantages"],
-                                   "returns": adv["returns"]})
+            full = ptree.to_host({**batch, **stats, "advantages": adv["advantages"],
+                                  "returns": adv["returns"], "kl": adv["kl"]})
+            kl = float(np.mean(full.pop("kl")))
             epoch_metrics = []
             for epoch in range(pc.epochs):
                 perm = np.random.default_rng([config.seed, it, epoch]).permutation(b)
@@ -318,15 +319,14 @@ def train(config, workdir: str, prompts: list, tokenizer, init_params, model_cfg
                              "value_clip_fraction": cm["value_clip_fraction"],
                              "critic_grad_norm": cm["grad_norm"]}
                     epoch_metrics.append(m)
-            epoch_metrics = jax.device_get(epoch_metrics)
+            epoch_metrics = ptree.to_host(epoch_metrics)
             t3 = time.perf_counter()
-            kl = float(np.mean(jax.device_get(adv["kl"])))
             row = {
                 "ppo/score": float(raw_score.mean()), "ppo/kl": kl, "ppo/kl_coef": beta,
                 "ppo/response_length": float(ro.response.sum(1).mean()),
                 "ppo/eos_fraction": float(ro.done.mean()),
                 "ppo/explained_variance": float(rl_math.explained_variance(
-                    stats["old_values"], adv["returns"], ro.response)),
+                    full["old_values"], full["returns"], ro.response)),
                 "time/generate_s": t1 - t0, "time/score_s": t2 - t1, "time/train_s": t3 - t2,
                 **{f"ppo/{k}": float(np.mean([m[k] for m in epoch_metrics]))
                    for k in epoch_metrics[0] if k != "loss"}}
@@ -366,6 +366,9 @@ def run(config, workdir: str) -> trainer.Result:
         raise ValueError("ppo.prompts: a JSONL file of {\"prompt\": ...} records is required")
     prompts = D.read_prompts_jsonl(pc.prompts)
     model_cfg, init_params, tokenizer, _ = sft.load_base(config)
+    if init_params is None:
+        raise ValueError("model.init: PPO starts from a trained policy (an SFT run, a Hugging "
+                         "Face folder or a GGUF file)")
     if pc.reward_model:
         rm_params, rm_cfg = reward_recipe.load_reward_model(pc.reward_model)
         scorer = dict(score_tokens=model_scorer(rm_params, rm_cfg, model_cfg),
