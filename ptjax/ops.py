@@ -26,6 +26,7 @@ import numpy as np
 from absl import logging
 from jax import lax
 
+from ptjax.sharding import per_shard
 from ptjax.tree import is_weight_node
 
 F32 = jnp.float32
@@ -519,6 +520,62 @@ def fused_attention(q, k, v, mask, scale, implementation="cudnn"):
         logging.warning("cuDNN attention refused (%s); using the portable kernels", err)
         return None
     return jnp.where(seen[..., None], out, 0).astype(q.dtype)
+
+
+def splash_attention_applies() -> bool:
+    """True when `splash_attention` should run: tracing for a TPU (not under
+    `portable_kernels`)."""
+    return not _FORCE_PORTABLE.get() and jax.default_backend() == "tpu"
+
+
+def splash_attention(q, k, v, segment_ids, scale, interpret=False):
+    """Causal attention within segments through JAX's Pallas splash-attention kernel (TPU).
+
+    q [b, s, heads, d], k and v [b, s, kv_heads, d], segment_ids [b, s] int (0 = padding, as
+    `llama.attention_mask` reads them): query i sees key j <= i of its own segment, which is
+    the model's mask when there are no prefix keys. The kernel keeps a logsumexp per query row
+    for the backward pass, so residuals are linear in the sequence length. The sequence is
+    padded to a multiple of 128 with a segment of its own; padding rows return zeros, as the
+    other kernels do. `interpret=True` runs the kernel's Pallas code on any backend (the tests
+    compare it with the CPU kernels). Returns None, with a warning, when the kernel refuses the
+    shapes while tracing: the caller then runs its portable kernels.
+    """
+    from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as sk
+    from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as sm
+
+    b, s, heads, d = q.shape
+    kv_heads = k.shape[2]
+    pad = -s % 128
+    seg = segment_ids.astype(jnp.int32)
+    if pad:
+        q, k, v = (jnp.pad(x, ((0, 0), (0, pad), (0, 0), (0, 0))) for x in (q, k, v))
+        seg = jnp.pad(seg, ((0, 0), (0, pad)), constant_values=-1)
+    n = s + pad
+    block = next(size for size in (512, 256, 128) if n % size == 0)
+    sizes = sk.BlockSizes(block_q=block, block_kv=block, block_kv_compute=block,
+                          block_q_dkv=block, block_kv_dkv=block, block_kv_dkv_compute=block,
+                          block_q_dq=block, block_kv_dq=block)
+    groups = heads // kv_heads
+    try:
+        kernel = sk.make_splash_mqa_single_device(
+            sm.MultiHeadMask([sm.CausalMask((n, n))] * groups), block_sizes=sizes,
+            interpret=interpret)
+    except (ValueError, NotImplementedError) as err:
+        logging.warning("splash attention refused (%s); using the portable kernels", err)
+        return None
+
+    def attend(q, k, v, seg):  # [b, kv, g, n, d] and [b, kv, n, d] (a device's block of them)
+        per_head = jax.vmap(kernel, in_axes=(0, 0, 0, None))  # one MQA call per KV head
+        return jax.vmap(lambda q, k, v, ids: per_head(q, k, v, sk.SegmentIds(q=ids, kv=ids)))(
+            q, k, v, seg)
+
+    qg = (q * scale).reshape(b, n, kv_heads, groups, d).transpose(0, 2, 3, 1, 4)
+    out = per_shard(attend, (qg, k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3), seg),
+                    (("batch", "kv", None, "length", None), ("batch", "kv", "length", None),
+                     ("batch", "kv", "length", None), ("batch", "length")),
+                    ("batch", "kv", None, "length", None))
+    out = out.transpose(0, 3, 1, 2, 4).reshape(b, n, heads, d)[:, :s]
+    return jnp.where((segment_ids != 0)[:, :, None, None], out, 0).astype(q.dtype)
 
 
 # ----------------------------------------------------------------------------- cross-entropy

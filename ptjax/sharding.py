@@ -142,6 +142,25 @@ def constrain(x, logical_axes):
         x, NamedSharding(mesh, spec_for(logical_axes, x.shape, mesh, rules)))
 
 
+def per_shard(fn, args, logical_axes, out_axes):
+    """`fn(*args)` run on each device's block of `args` (`jax.shard_map`) when a mesh is active
+    (`use`), else called as it is. `logical_axes` names each argument's dimensions and
+    `out_axes` the result's; a dimension whose mesh axes do not divide it stays whole.
+
+    Why: XLA cannot partition a custom kernel (a Pallas call), so under jit with sharded
+    operands it would gather them whole onto every device; `fn` must be independent across
+    the split dimensions (attention rows and heads are).
+    """
+    active = _ACTIVE.get()
+    if active is None:
+        return fn(*args)
+    mesh, rules = active
+    in_specs = tuple(spec_for(axes, x.shape, mesh, rules) for axes, x in zip(logical_axes, args))
+    out_spec = spec_for(out_axes, jax.eval_shape(fn, *args).shape, mesh, rules)
+    return jax.shard_map(fn, mesh=mesh, in_specs=in_specs, out_specs=out_spec,
+                         check_vma=False)(*args)
+
+
 def constrain_stacked_layers(stacked):
     """Annotate layer parameters stacked along a leading layer axis (`llama.stack`) with their
     per-layer shardings and the layer axis whole (no-op outside `use`).

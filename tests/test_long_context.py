@@ -7,7 +7,7 @@ import chex
 import jax
 import jax.numpy as jnp
 
-from ptjax import bench, ops
+from ptjax import bench, ops, sharding
 from ptjax.models import llama
 from ptjax.models.config import preset
 from ptjax.train.losses import next_token_nll
@@ -111,3 +111,34 @@ def test_gpu_fused_attention_gives_the_cpu_kernels_numbers(monkeypatch):
     jax.clear_caches()
     assert calls == [(2, 48, CFG.heads, CFG.head_dim)] * CFG.layers, calls
     chex.assert_trees_all_close(gpu, cpu, rtol=2e-5, atol=1e-6)
+
+
+def test_tpu_splash_attention_gives_the_cpu_kernels_numbers(monkeypatch):
+    """The TPU path (`ops.splash_attention`: JAX's Pallas splash kernel, causal within
+    segments) in Pallas' interpret mode on CPU: the same loss and gradients as the CPU kernels
+    on packed rows with padding, at a length the kernel's 128-row blocks divide and at one it
+    pads, every layer's attention going through it."""
+    calls = []
+
+    def splash(*args):
+        calls.append(args[0].shape)
+        return original(*args, interpret=True)
+
+    original = ops.splash_attention
+    batches = {seq: _packed_batch(2, seq) for seq in (128, 200)}
+    cpu = {seq: _loss_and_grads(CFG, batch) for seq, batch in batches.items()}
+    monkeypatch.setattr(ops, "splash_attention_applies", lambda: True)
+    monkeypatch.setattr(ops, "splash_attention", splash)
+    for seq, batch in batches.items():
+        tpu = _loss_and_grads(dataclasses.replace(CFG, scan_layers=False), batch)  # fresh trace
+        chex.assert_trees_all_close(tpu, cpu[seq], rtol=2e-5, atol=1e-6)
+    # On a mesh the kernel runs on each device's rows and KV heads (shard_map): XLA cannot
+    # partition a Pallas call and would otherwise gather its operands whole on every device.
+    mesh = sharding.make_mesh({"data": 2, "tensor": 2}, jax.devices()[:4])
+    with sharding.use(mesh, sharding.DEFAULT_RULES):
+        fn = jax.jit(jax.value_and_grad(lambda p, b: next_token_nll(p, CFG, b)[0]))
+        assert "shard_map" in str(jax.make_jaxpr(fn)(PARAMS, batches[128]))
+        sharded = fn(PARAMS, batches[128])
+    chex.assert_trees_all_close(sharded, cpu[128], rtol=2e-5, atol=1e-6)
+    jax.clear_caches()
+    assert calls[:4] == [(2, s, CFG.heads, CFG.head_dim) for s in batches for _ in range(CFG.layers)]

@@ -177,10 +177,12 @@ def _project(x, p, dtype, rng=None):
 
 
 def attention_block(p, cfg: ModelConfig, x, rotary, mask, kv: dict | None, write_slot=None,
-                    rng=None):
+                    rng=None, segment_ids=None):
     """Grouped-query attention. `kv` holds the layer's cache ([b, kv, d, T] keys and values)
     or a prefix; returns the block output and the updated cache for this layer. `rng` (training
-    only) gives each projection its own key for weight nodes that draw randomness."""
+    only) gives each projection its own key for weight nodes that draw randomness.
+    `segment_ids` [b, s] (whole sequences without a cache or prefix: the mask is then causal
+    within segments) lets a TPU run JAX's splash-attention kernel."""
     dtype = cfg.compute_dtype
     b, s, _ = x.shape
     kvh, g, hd = cfg.kv_heads, cfg.groups, cfg.head_dim
@@ -189,12 +191,16 @@ def attention_block(p, cfg: ModelConfig, x, rotary, mask, kv: dict | None, write
     v = _project(x, p["v"], dtype, ops.fold_key(rng, 2)).reshape(b, s, kvh, hd)
     q = rope(q, rotary)
     k = rope(k, rotary)
+    out = None
     if kv is None and ops.cudnn_attention_applies(dtype, hd):  # GPU: cuDNN flash attention
         out = ops.fused_attention(q.astype(dtype), k.astype(dtype), v.astype(dtype), mask,
                                   1.0 / math.sqrt(hd))
-        if out is not None:
-            out = out.reshape(b, s, cfg.heads * hd)
-            return ops.linear(out, p["o"]["kernel"], dtype, ops.fold_key(rng, 3)), None
+    elif kv is None and segment_ids is not None and ops.splash_attention_applies():  # TPU
+        out = ops.splash_attention(q.astype(dtype), k.astype(dtype), v.astype(dtype),
+                                   segment_ids, 1.0 / math.sqrt(hd))
+    if out is not None:
+        out = out.reshape(b, s, cfg.heads * hd)
+        return ops.linear(out, p["o"]["kernel"], dtype, ops.fold_key(rng, 3)), None
     k = k.transpose(0, 2, 3, 1)  # [b, kv, d, s]
     v = v.transpose(0, 2, 3, 1)
     new_kv = None
@@ -296,13 +302,14 @@ def mlp_block(p, cfg: ModelConfig, x, rng=None):
     return ops.linear(h, p["down"]["kernel"], dtype, ops.fold_key(rng, 2))
 
 
-def decoder_layer(p, cfg: ModelConfig, x, rotary, mask, kv=None, write_slot=None, rng=None):
+def decoder_layer(p, cfg: ModelConfig, x, rotary, mask, kv=None, write_slot=None, rng=None,
+                  segment_ids=None):
     """Pre-norm residual layer; the residual stream stays float32. `rotary` is
-    `rotary_tables(cfg, positions)` of the layer's tokens."""
+    `rotary_tables(cfg, positions)` of the layer's tokens; `segment_ids` as `attention_block`."""
     dtype = cfg.compute_dtype
     h = rms_norm(x, p["attn_norm"]["scale"], cfg.norm_eps).astype(dtype)
     a, new_kv = attention_block(p["attn"], cfg, h, rotary, mask, kv, write_slot,
-                                ops.fold_key(rng, 0))
+                                ops.fold_key(rng, 0), segment_ids)
     x = x + a.astype(F32)
     h = rms_norm(x, p["mlp_norm"]["scale"], cfg.norm_eps).astype(dtype)
     x = x + mlp_block(p["mlp"], cfg, h, ops.fold_key(rng, 1)).astype(F32)
@@ -356,7 +363,8 @@ def hidden_states(params: Params, cfg: ModelConfig, inputs_embeds, positions, se
     rotary = rotary_tables(cfg, positions)
 
     def layer(p, x, kv, index):
-        return decoder_layer(p, cfg, x, rotary, mask, kv, None, ops.fold_key(rng, index))[0]
+        return decoder_layer(p, cfg, x, rotary, mask, kv, None, ops.fold_key(rng, index),
+                             None if prefix is not None else segment_ids)[0]
 
     if cfg.remat == "full":
         layer = jax.checkpoint(layer)
