@@ -63,18 +63,18 @@ def _step_temp_bytes(seq, cfg=CFG):
 
 
 def test_step_scratch_memory_is_linear_in_sequence_length(monkeypatch):
-    """From 1k to 2k tokens the train step's scratch memory grows about 2x with blockwise
-    attention (KEY_BLOCK=128 here; 512 in real runs); with the dense kernel's probability
-    residuals it grows almost 4x. What stays quadratic is the boolean [s, t] mask (one byte
+    """From 512 to 1,024 tokens the train step's scratch memory grows about 2x with blockwise
+    attention (KEY_BLOCK=64 here; 512 in real runs); with the dense kernel's probability
+    residuals it grows well over 3x. What stays quadratic is the boolean [s, t] mask (one byte
     per pair, shared by every layer and head)."""
-    monkeypatch.setattr(ops, "KEY_BLOCK", 128)
+    monkeypatch.setattr(ops, "KEY_BLOCK", 64)
     scanned = dataclasses.replace(CFG, remat="none")  # fresh traces
-    blockwise = _step_temp_bytes(2048, scanned) / _step_temp_bytes(1024, scanned)
+    blockwise = _step_temp_bytes(1024, scanned) / _step_temp_bytes(512, scanned)
     monkeypatch.setattr(ops, "KEY_BLOCK", 10**6)
     unrolled = dataclasses.replace(CFG, scan_layers=False)
-    dense = _step_temp_bytes(2048, unrolled) / _step_temp_bytes(1024, unrolled)
+    dense = _step_temp_bytes(1024, unrolled) / _step_temp_bytes(512, unrolled)
     jax.clear_caches()
-    assert blockwise < 2.5 < 3.3 < dense, (blockwise, dense)
+    assert blockwise < 2.3 < 3.2 < dense, (blockwise, dense)
 
 
 def test_portable_kernels_give_the_cpu_kernels_numbers(monkeypatch):
@@ -116,8 +116,8 @@ def test_gpu_fused_attention_gives_the_cpu_kernels_numbers(monkeypatch):
 def test_tpu_splash_attention_gives_the_cpu_kernels_numbers(monkeypatch):
     """The TPU path (`ops.splash_attention`: JAX's Pallas splash kernel, causal within
     segments) in Pallas' interpret mode on CPU: the same loss and gradients as the CPU kernels
-    on packed rows with padding, at a length the kernel's 128-row blocks divide and at one it
-    pads, every layer's attention going through it."""
+    on packed rows with padding, at a length the kernel pads to its 128-row blocks, every
+    layer's attention going through it, alone and on a 2 x 2 mesh."""
     calls = []
 
     def splash(*args):
@@ -125,7 +125,7 @@ def test_tpu_splash_attention_gives_the_cpu_kernels_numbers(monkeypatch):
         return original(*args, interpret=True)
 
     original = ops.splash_attention
-    batches = {seq: _packed_batch(2, seq) for seq in (128, 200)}
+    batches = {seq: _packed_batch(2, seq) for seq in (200,)}
     cpu = {seq: _loss_and_grads(CFG, batch) for seq, batch in batches.items()}
     monkeypatch.setattr(ops, "splash_attention_applies", lambda: True)
     monkeypatch.setattr(ops, "splash_attention", splash)
@@ -137,8 +137,8 @@ def test_tpu_splash_attention_gives_the_cpu_kernels_numbers(monkeypatch):
     mesh = sharding.make_mesh({"data": 2, "tensor": 2}, jax.devices()[:4])
     with sharding.use(mesh, sharding.DEFAULT_RULES):
         fn = jax.jit(jax.value_and_grad(lambda p, b: next_token_nll(p, CFG, b)[0]))
-        assert "shard_map" in str(jax.make_jaxpr(fn)(PARAMS, batches[128]))
-        sharded = fn(PARAMS, batches[128])
-    chex.assert_trees_all_close(sharded, cpu[128], rtol=2e-5, atol=1e-6)
+        assert "shard_map" in str(jax.make_jaxpr(fn)(PARAMS, batches[200]))
+        sharded = fn(PARAMS, batches[200])
+    chex.assert_trees_all_close(sharded, cpu[200], rtol=2e-5, atol=1e-6)
     jax.clear_caches()
-    assert calls[:4] == [(2, s, CFG.heads, CFG.head_dim) for s in batches for _ in range(CFG.layers)]
+    assert calls[:2] == [(2, 200, CFG.heads, CFG.head_dim)] * CFG.layers, calls

@@ -20,7 +20,7 @@ def test_mesh_text_parses_and_names_a_bad_part():
         plan.parse_mesh("fsdp:4,expert:2")
 
 
-@pytest.mark.parametrize("method", ["full", "qlora"])
+@pytest.mark.parametrize("method", ["full", pytest.param("qlora", marks=pytest.mark.slow)])
 def test_plan_bytes_equal_the_shards_of_a_real_state(method):
     """The plan's parameter and optimizer bytes per device equal those of a state built for
     real and laid out on the same mesh (a different route: concrete arrays' shards)."""
