@@ -180,6 +180,7 @@ def test_separate_critic_starts_from_the_reward_model_and_trains_its_body():
     assert ppo.VALUE_HEAD not in fresh  # the policy's own value head is not reused
 
 
+@pytest.mark.slow  # 28 s; the shared-critic learning-and-resume test runs in CI
 def test_ppo_with_a_separate_critic_raises_the_reward_and_resumes(tmp_path):
     """`ppo.critic=separate`: the policy has no value head, the critic is trained (its body
     moves) and checkpointed with the policy, and a rerun resumes both (and the score

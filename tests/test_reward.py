@@ -115,7 +115,8 @@ def test_likelihood_term_adds_the_scaled_response_log_probs():
         reward.scores(params, CFG, batch["chosen_tokens"], batch["chosen_mask"])
 
 
-@pytest.mark.parametrize("likelihood", [False, True])
+# The head-only case is slow-marked: the demo trains with the likelihood term.
+@pytest.mark.parametrize("likelihood", [pytest.param(False, marks=pytest.mark.slow), True])
 def test_reward_model_separates_a_separable_set_and_round_trips(tmp_path, likelihood):
     path = tmp_path / "prefs.jsonl"
     D.write_jsonl(path, [{"prompt": r.prompt, "chosen": r.chosen, "rejected": r.rejected}

@@ -66,7 +66,8 @@ _SINGLE: dict = {}
 # Every strategy with full fine-tuning; the weight nodes on the two that split their weights
 # most (FSDP alone, and all three axes).
 CASES = [(strategy, "full") for strategy in STRATEGIES] + [
-    (strategy, method) for strategy in ("fsdp", "dp+fsdp+tp") for method in ("lora", "qlora")]
+    ("fsdp", "lora"), ("fsdp", "qlora"), ("dp+fsdp+tp", "lora"),
+    pytest.param("dp+fsdp+tp", "qlora", marks=pytest.mark.slow)]
 # Strategies on which XLA's SPMD partitioner is known to replicate an operand and partition it
 # again. Empty since layers run as one scan: with the unrolled loop the 2 x 2 x 2 mesh's
 # backward rematerialized one f32[2, 32, 32] operand. A case added here must warn (strict).
