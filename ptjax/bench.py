@@ -424,10 +424,10 @@ def main(argv):
     if FLAGS.plan:
         from ptjax import plan
 
+        cfg = preset(FLAGS.preset, dtype=FLAGS.dtype[0], scan_layers=FLAGS.scan_layers,
+                     **depth_override())
         for method in FLAGS.method:
             for seq in FLAGS.seq:
-                cfg = preset(FLAGS.preset, dtype=FLAGS.dtype[0], scan_layers=FLAGS.scan_layers,
-                             **depth_override())
                 print(json.dumps(plan.plan(cfg, method, FLAGS.mesh, FLAGS.batch, int(seq),
                                            method_params)),
                       flush=True)

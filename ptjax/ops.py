@@ -35,11 +35,17 @@ F32 = jnp.float32
 _FORCE_PORTABLE = contextvars.ContextVar("ptjax_force_portable_kernels", default=False)
 
 
+def kernel_backend() -> str:
+    """The backend whose kernels to trace: `jax.default_backend()`, or "portable" inside
+    `portable_kernels` (the blockwise kernels and plain layouts every backend can run)."""
+    return "portable" if _FORCE_PORTABLE.get() else jax.default_backend()
+
+
 def cpu_layouts() -> bool:
     """True when tracing for XLA's CPU backend, whose fast dot needs the row-major operand
     layouts this module materializes (`real_transpose`). GPU and TPU matmul libraries take a
     transposed operand as it is, so there the copy would only cost memory traffic."""
-    return not _FORCE_PORTABLE.get() and jax.default_backend() == "cpu"
+    return kernel_backend() == "cpu"
 
 
 @contextlib.contextmanager
@@ -494,9 +500,8 @@ blockwise_attention.defvjp(_blockwise_fwd, _blockwise_bwd)
 def cudnn_attention_applies(dtype, head_dim: int) -> bool:
     """True when `fused_attention` should run: tracing for a GPU (and not under
     `portable_kernels`), half-precision compute, and a head size cuDNN's flash kernel takes."""
-    return (not _FORCE_PORTABLE.get() and jax.default_backend() == "gpu"
-            and jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16) and head_dim % 8 == 0
-            and head_dim <= 128)
+    return (kernel_backend() == "gpu" and jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16)
+            and head_dim % 8 == 0 and head_dim <= 128)
 
 
 def fused_attention(q, k, v, mask, scale, implementation="cudnn"):
@@ -525,7 +530,7 @@ def fused_attention(q, k, v, mask, scale, implementation="cudnn"):
 def splash_attention_applies() -> bool:
     """True when `splash_attention` should run: tracing for a TPU (not under
     `portable_kernels`)."""
-    return not _FORCE_PORTABLE.get() and jax.default_backend() == "tpu"
+    return kernel_backend() == "tpu"
 
 
 def splash_attention(q, k, v, segment_ids, scale, interpret=False):

@@ -198,7 +198,7 @@ def attention_block(p, cfg: ModelConfig, x, rotary, mask, kv: dict | None, write
     elif kv is None and segment_ids is not None and ops.splash_attention_applies():  # TPU
         out = ops.splash_attention(q.astype(dtype), k.astype(dtype), v.astype(dtype),
                                    segment_ids, 1.0 / math.sqrt(hd))
-    if out is not None:
+    if out is not None:  # an accelerator kernel ran (None: it refused, or none applies)
         out = out.reshape(b, s, cfg.heads * hd)
         return ops.linear(out, p["o"]["kernel"], dtype, ops.fold_key(rng, 3)), None
     k = k.transpose(0, 2, 3, 1)  # [b, kv, d, s]
