@@ -64,7 +64,7 @@ def test_grpo_raises_a_programmatic_reward(tmp_path, method, estimator):
     c.peft.method = method
     c.peft.targets = r"(layers_\d+/(attn/(q|k|v|o)|mlp/(gate|up|down))|lm_head)/kernel$"
     c.train.update(steps=10, batch_size=4)
-    c.optim.update(lr=1e-2 if method == "full" else 3e-2, warmup_steps=0, final_lr_fraction=1.0)
+    c.optim.update(lr=1e-2, warmup_steps=0, final_lr_fraction=1.0)
     c.checkpoint.update(every=5, async_save=False)
     c.grpo = grpo_defaults()
     c.grpo.update(group_size=4, max_new_tokens=8, epochs=2, minibatches=2, estimator=estimator,
