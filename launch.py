@@ -29,12 +29,13 @@ flags.mark_flags_as_required(["config", "workdir"])
 def trainers():
     """Config `trainer` name -> the run function (imported lazily: startup stays fast)."""
     from ptjax.recipes import (chat_task, compare_alignment, compare_compression, compress, demo,
-                               dpo, grpo, ppo, reward, sft)
+                               dpo, grpo, guide, ppo, rag, reward, sft)
 
     return {"sft": sft.run, "demo": demo.run, "chat_task": chat_task.run, "compress": compress.run,
             "compare_compression": compare_compression.run,
             "compare_alignment": compare_alignment.run, "reward": reward.run,
-            "ppo": ppo.run, "dpo": dpo.run, "grpo": grpo.run}
+            "ppo": ppo.run, "dpo": dpo.run, "grpo": grpo.run, "rag": rag.run,
+            "guide": guide.run}
 
 
 def parse_flags(argv):
@@ -64,7 +65,14 @@ def main(argv):
     if config.trainer not in available:
         raise app.UsageError(f"config.trainer: unknown trainer {config.trainer!r}; "
                              f"choose one of {sorted(available)}")
-    available[config.trainer](config, _WORKDIR.value)
+    from ptjax.train import failures
+
+    try:
+        available[config.trainer](config, _WORKDIR.value)
+    except failures.Preempted as e:  # saved: exit 0 so that the scheduler's restart resumes
+        print(f"launch.py: {e}", file=sys.stderr, flush=True)
+    except failures.RunFailed as e:  # the message says what happened and what survives
+        sys.exit(f"launch.py: {e}")
 
 
 if __name__ == "__main__":

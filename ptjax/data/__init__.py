@@ -2,7 +2,7 @@
 masks, packing, resumable batch iterators and the synthetic tasks of the embedded demo."""
 
 from ptjax.data.chat_template import render as render_chat_template
-from ptjax.data.encode import encode_chat_prompt, encode_prompt, encode_sft
+from ptjax.data.encode import encode_chat_prompt, encode_prompt, encode_sft, encode_sft_status
 from ptjax.data.errors import DataError
 from ptjax.data.iterator import PackedBatches, eval_batches
 from ptjax.data.packing import pack
@@ -14,6 +14,7 @@ from ptjax.data.records import (
     read_preference_jsonl,
     read_prompts_jsonl,
     read_sft_jsonl,
+    read_sft_jsonl_lines,
     write_jsonl,
 )
 from ptjax.data.synthetic import (
@@ -41,6 +42,7 @@ __all__ = [
     "encode_chat_prompt",
     "encode_prompt",
     "encode_sft",
+    "encode_sft_status",
     "eval_batches",
     "edit_distance",
     "eval_set",
@@ -54,6 +56,7 @@ __all__ = [
     "read_preference_jsonl",
     "read_prompts_jsonl",
     "read_sft_jsonl",
+    "read_sft_jsonl_lines",
     "render_chat_template",
     "score",
     "write_jsonl",

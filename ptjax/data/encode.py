@@ -23,6 +23,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from ptjax.data import chat_template
+from ptjax.data import truncate as truncation
 from ptjax.data.records import ChatRecord, SFTRecord, parse_sft_record
 from ptjax.data.tokenizer import Tokenizer
 
@@ -152,18 +153,25 @@ def _encode_prompt_completion(record: SFTRecord, tokenizer: Tokenizer) -> tuple[
 
 
 def encode_sft(
-    record: SFTRecord | ChatRecord | dict, tokenizer: Tokenizer, max_len: int
-) -> tuple[np.ndarray, np.ndarray]:
+    record: SFTRecord | ChatRecord | dict, tokenizer: Tokenizer, max_len: int,
+    truncate: str = "left",
+) -> tuple[np.ndarray, np.ndarray] | None:
     """`(ids int32 [n], loss_mask bool [n])` for one SFT or chat record, at most `max_len` long.
 
     Prompt/completion: `prompt + completion` tokenized as one text, then EOS; the completion's
     tokens and the EOS are in the loss. Chat: rendered with the tokenizer's chat template and
     tokenized once, the assistant turns (with their end-of-turn tokens) in the loss; without a
     template, the plain `<|role|>` layout. BOS leads when the tokenizer's sequences start with it
-    (`add_bos`) and the text does not already write it. Over-long sequences keep their beginning,
-    the part every later token is conditioned on. A dict is accepted and validated as a record
-    (in-memory data such as the synthetic demo's).
+    (`add_bos`) and the text does not already write it. Over-long sequences keep their completion:
+    `truncate="left"` cuts the prompt from the left (after the BOS), `"drop"` returns None for
+    them (`truncate.fit`; `encode_sft_status` also says which happened). A dict is accepted and
+    validated as a record (in-memory data such as the synthetic demo's).
     """
+    return encode_sft_status(record, tokenizer, max_len, truncate)[0]
+
+
+def encode_sft_status(record, tokenizer: Tokenizer, max_len: int, truncate: str = "left"):
+    """`(encode_sft's result, status)`, status "ok", "cut" or "dropped" (`truncate.fit`)."""
     if max_len < 1:
         raise ValueError(f"max_len must be at least 1, got {max_len}")
     if isinstance(record, dict):
@@ -177,7 +185,9 @@ def encode_sft(
             ids, mask = _encode_plain_chat(record, tokenizer)
     else:
         raise TypeError(f"expected an SFTRecord, ChatRecord or dict, got {type(record).__name__}")
-    return np.asarray(ids[:max_len], np.int32), np.asarray(mask[:max_len], bool)
+    head = 1 if ids[:1] == [tokenizer.bos_id] and tokenizer.add_bos else 0
+    ids, mask, status = truncation.fit(ids, mask, max_len, truncate, head)
+    return (None if ids is None else (ids, mask)), status
 
 
 def encode_prompt(text: str, tokenizer: Tokenizer) -> np.ndarray:

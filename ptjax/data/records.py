@@ -168,6 +168,12 @@ def read_sft_jsonl(path: str | os.PathLike) -> list[SFTRecord | ChatRecord]:
     return [parse_sft_record(obj, path, line) for line, obj in _json_objects(path)]
 
 
+def read_sft_jsonl_lines(path: str | os.PathLike) -> list[tuple[int, SFTRecord | ChatRecord]]:
+    """`(line number, record)` for every record of an SFT JSONL file, so that later stages
+    (truncation reports) can name the line an example came from."""
+    return [(line, parse_sft_record(obj, path, line)) for line, obj in _json_objects(path)]
+
+
 def _turns_or_text(obj: dict, key: str, path, line: int | None, assistant: bool):
     """`obj[key]` as a string, or as validated `(role, content)` turns when it is a list."""
     if key not in obj:

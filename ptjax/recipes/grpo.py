@@ -137,8 +137,7 @@ def train(config, workdir: str, prompts: list, tokenizer, init_params, model_cfg
                 checkpoint.save(mngr, it + 1, {"policy": trainer.saved_part(state, False)},
                                 {"step": it + 1})
         bar.close()
-    mngr.wait_until_finished()
-    mngr.close()
+    checkpoint.finish(mngr, tc.steps)  # a failed background save is raised here
     log.close()
     if jax.process_index() == 0:
         ppo_recipe.plot_curves(workdir, prefix="grpo")

@@ -342,8 +342,7 @@ def train(config, workdir: str, prompts: list, tokenizer, init_params, model_cfg
                                 {"step": it + 1, "beta": beta, "score_bias": bias,
                                  "score_gain": gain})
         bar.close()
-    mngr.wait_until_finished()
-    mngr.close()
+    checkpoint.finish(mngr, tc.steps)  # a failed background save is raised here
     log.close()
     if jax.process_index() == 0:
         plot_curves(workdir)

@@ -8,9 +8,30 @@ from ptjax import data as D
 from ptjax.train import trainer
 
 
-def load_examples(path: str, tokenizer, seq_len: int):
-    """Read and encode an SFT JSONL file (errors name the file, line and field)."""
-    return [D.encode_sft(r, tokenizer, seq_len) for r in D.read_sft_jsonl(path)]
+def load_examples(path: str, tokenizer, seq_len: int, truncate: str = "left"):
+    """Read and encode an SFT JSONL file (errors name the file, line and field).
+
+    Over-long examples are cut from the left or dropped (`truncate`, `data.truncate`), and the
+    run says how many, naming the first few by file and line; a file left with no example fails.
+    """
+    import jax
+
+    from ptjax.data import truncate as truncation
+
+    truncation.check_policy(truncate)
+    report = truncation.Report(path, seq_len, truncate)
+    examples = []
+    for line, record in D.read_sft_jsonl_lines(path):
+        example, status = D.encode_sft_status(record, tokenizer, seq_len, truncate)
+        report.add(status, line)
+        if example is not None:
+            examples.append(example)
+    if report.message() and jax.process_index() == 0:
+        print(report.message(), flush=True)
+    if not examples:
+        raise D.DataError(path, f"no example fits train.seq_len={seq_len} tokens with "
+                                f"data.truncate={truncate}")
+    return examples
 
 
 def demo_examples(tokenizer, seq_len: int, n: int, seed: int):
@@ -73,18 +94,21 @@ def run(config, workdir: str) -> trainer.Result:
     model_cfg, init_params, tokenizer, generation = load_base(config)
     seq_len = config.train.seq_len
     if config.data.train:
-        train_examples = load_examples(config.data.train, tokenizer, seq_len)
+        train_examples = load_examples(config.data.train, tokenizer, seq_len, config.data.truncate)
     else:
         train_examples = demo_examples(tokenizer, seq_len, 20000, config.seed)
     if config.data.eval:
-        eval_examples = load_examples(config.data.eval, tokenizer, seq_len)
+        eval_examples = load_examples(config.data.eval, tokenizer, seq_len, config.data.truncate)
     elif not config.data.train:
         eval_examples = demo_examples(tokenizer, seq_len, 500, config.seed + 1)
     else:
         eval_examples = []
     result = trainer.train(config, workdir, train_examples, eval_examples, init_params=init_params,
                            model_cfg=model_cfg, tokenizer=tokenizer)
-    export(config, workdir, result, tokenizer, generation)
+    from ptjax.train import failures
+
+    with failures.writing("export", workdir):
+        export(config, workdir, result, tokenizer, generation)
     summary_path = os.path.join(workdir, "summary.json")
     summary = trainer.read_summary(summary_path)
     summary.setdefault("stages", {})["sft"] = {

@@ -75,6 +75,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.data.tokenizer = ""
     c.data.train = ""  # JSONL: {"prompt","completion"} or {"messages": [...]}
     c.data.eval = ""
+    # Over-long examples: "left" cuts the prompt from the left (the completion is kept), "drop"
+    # leaves them out; either way the run reports how many, naming the first by file and line.
+    c.data.truncate = "left"
 
     c.train = ml_collections.ConfigDict()
     c.train.steps = 200
@@ -82,6 +85,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.train.seq_len = 256
     c.train.grad_accum = 1
     c.train.log_every = 10
+    # Consecutive steps with a non-finite loss or gradient norm (each skipped: no update) after
+    # which the run stops with an error; checked at log steps. 0 = never stop.
+    c.train.max_bad_steps = 5
 
     c.eval = ml_collections.ConfigDict()
     c.eval.every = 100
@@ -151,6 +157,10 @@ def base_config() -> ml_collections.ConfigDict:
     c.checkpoint.every = 100
     c.checkpoint.keep = 2
     c.checkpoint.async_save = True
+    # Resume despite these changes (comma-separated fields or prefixes of the run record, e.g.
+    # "optim,train.steps"); any other change since the checkpoint was written is refused.
+    c.checkpoint.allow_changes = ""
+    c.checkpoint.keep_best = False  # also keep the lowest-eval-loss checkpoint in WORKDIR/best
 
     c.mesh = ml_collections.ConfigDict({"data": -1, "fsdp": 1, "tensor": 1})
     c.sharding_rules = [["batch", ["data", "fsdp"]], ["embed", "fsdp"], ["heads", "tensor"],

@@ -34,15 +34,19 @@ class MetricsLog:
         self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"), purge_step=resume_step + 1)
 
     def write(self, step: int, metrics: dict):
-        """Record scalars for `step` in both sinks."""
+        """Record scalars for `step` in both sinks.
+
+        The JSONL stays strict JSON (jq and most readers reject bare `NaN`): a non-finite value
+        is written as null and its key listed under "nonfinite"; TensorBoard gets only the
+        finite ones.
+        """
         if not self._enabled:
             return
-        row = {"step": int(step)}
-        row.update({k: float(np.asarray(v)) for k, v in metrics.items()})
-        self._file.write(json.dumps(row) + "\n")
+        row, bad = strict_row(step, metrics)
+        self._file.write(json.dumps(row, allow_nan=False) + "\n")
         self._file.flush()
         for k, v in row.items():
-            if k != "step":
+            if k not in ("step", "nonfinite") and k not in bad:
                 self._tb.add_scalar(k, v, step)
 
     def close(self):
@@ -50,6 +54,22 @@ class MetricsLog:
             return
         self._file.close()
         self._tb.close()
+
+
+def strict_row(step: int, metrics: dict) -> tuple[dict, list]:
+    """(JSON-safe row, keys whose values were not finite): those become null and are listed
+    under "nonfinite", so a reader tells a diverged value from a missing one."""
+    row: dict = {"step": int(step)}
+    bad = []
+    for k, v in metrics.items():
+        value = float(np.asarray(v))
+        if not np.isfinite(value):
+            bad.append(k)
+            value = None
+        row[k] = value
+    if bad:
+        row["nonfinite"] = bad
+    return row, bad
 
 
 def read(workdir: str) -> list[dict]:
@@ -68,7 +88,7 @@ def plot_losses(workdir: str, out_name: str = "loss.png") -> str | None:
     rows = read(workdir)
     fig, ax = plt.subplots(figsize=(6, 4))
     for key in ("train/loss", "eval/loss"):
-        pts = [(r["step"], r[key]) for r in rows if key in r]
+        pts = [(r["step"], r[key]) for r in rows if r.get(key) is not None]
         if pts:
             ax.plot(*zip(*pts), marker="o" if key.startswith("eval") else None, label=key)
     if not ax.lines:

@@ -8,6 +8,7 @@ import optax
 
 from ptjax import ops
 from ptjax import tree as ptree
+from ptjax.train.guard import keep_if_finite
 from ptjax.train.losses import next_token_nll
 from ptjax.train.state import TrainState
 
@@ -24,6 +25,8 @@ def train_step(state: TrainState, batch, rng, *, model_cfg, tx: optax.GradientTr
     tokens of the whole batch, so accumulation is exactly the same update as one big batch.
     `rng` (a key, or None for no dropout) is the step's randomness; microbatch i draws from
     `fold_in(rng, i)`, so every microbatch of an accumulated step gets its own dropout masks.
+    A step with a non-finite loss or gradient norm keeps the old params and optimizer state
+    (`guard.keep_if_finite`).
     """
     def nll_sum(trainable, micro, key):
         params = ptree.merge(trainable, state.frozen)
@@ -51,7 +54,8 @@ def train_step(state: TrainState, batch, rng, *, model_cfg, tx: optax.GradientTr
     trainable = optax.apply_updates(state.trainable, updates)
     metrics = {"loss": loss / denom, "accuracy": correct / denom, "tokens": tokens,
                "grad_norm": optax.tree.norm(grads)}
-    return state.replace(step=state.step + 1, trainable=trainable, opt_state=opt_state), metrics
+    return keep_if_finite(state, state.replace(step=state.step + 1, trainable=trainable,
+                                               opt_state=opt_state), metrics)
 
 
 def eval_step(params, batch, *, model_cfg):

@@ -12,6 +12,7 @@ import optax
 
 from ptjax import ops
 from ptjax import tree as ptree
+from ptjax.train.guard import keep_if_finite
 
 
 def microbatches(batch, n: int):
@@ -31,7 +32,8 @@ def mean_loss_update(state, batch, rng, loss_fn, tx: optax.GradientTransformatio
     `loss_fn(params, microbatch, key) -> (loss, metrics)` sees the merged params (trainable and
     frozen halves); gradients reach `state.trainable` only. Metrics are averaged over
     microbatches, and `grad_norm` is added. Microbatch i draws its randomness from
-    `fold_in(rng, i)`.
+    `fold_in(rng, i)`. A step with a non-finite loss or gradient norm keeps the old params and
+    optimizer state (`guard.keep_if_finite`).
     """
     def loss_of(trainable, mb, key):
         return loss_fn(ptree.merge(trainable, state.frozen), mb, key)
@@ -55,4 +57,5 @@ def mean_loss_update(state, batch, rng, loss_fn, tx: optax.GradientTransformatio
     updates, opt_state = tx.update(grads, state.opt_state, state.trainable)
     trainable = optax.apply_updates(state.trainable, updates)
     metrics = {"loss": loss, **metrics, "grad_norm": optax.tree.norm(grads)}
-    return state.replace(step=state.step + 1, trainable=trainable, opt_state=opt_state), metrics
+    return keep_if_finite(state, state.replace(step=state.step + 1, trainable=trainable,
+                                               opt_state=opt_state), metrics)

@@ -7,6 +7,7 @@ produces the same metrics an uninterrupted run would.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import json
@@ -25,8 +26,8 @@ from ptjax import tree as ptree
 from ptjax.data import PackedBatches, eval_batches
 from ptjax.models import llama
 from ptjax.models.config import ModelConfig, preset
+from ptjax.train import failures, guard, optim, preemption, run_record, sft
 from ptjax.train import metrics as metrics_lib
-from ptjax.train import optim, sft
 from ptjax.train import state as state_lib
 
 
@@ -52,11 +53,12 @@ def write_config(config, workdir: str):
     """Record the exact resolved config of a run as WORKDIR/config.json (process 0 writes it:
     in a multi-process run every process has the same config, and one writer keeps the file
     whole)."""
-    os.makedirs(workdir, exist_ok=True)
-    if jax.process_index() != 0:
-        return
-    with open(os.path.join(workdir, "config.json"), "w") as f:
-        f.write(config.to_json_best_effort(indent=2, sort_keys=True))
+    with failures.writing("workdir", workdir):
+        os.makedirs(workdir, exist_ok=True)
+        if jax.process_index() != 0:
+            return
+        with open(os.path.join(workdir, "config.json"), "w") as f:
+            f.write(config.to_json_best_effort(indent=2, sort_keys=True))
 
 
 def to_device(batch: dict, sharding_: jax.sharding.Sharding) -> dict:
@@ -107,6 +109,43 @@ def update_masks(state, prune_cfg, step: int, trainable_mask, state_shardings):
     trainable, frozen = ptree.split(params, trainable_mask)
     return state.replace(trainable=jax.device_put(trainable, state_shardings.trainable),
                          frozen=jax.device_put(frozen, state_shardings.frozen))
+
+
+class Best:
+    """`checkpoint.keep_best`: besides the newest checkpoints, WORKDIR/best holds the one with
+    the lowest eval loss so far (written only when an evaluation beats it)."""
+
+    def __init__(self, workdir: str, config):
+        self.mngr = checkpoint.manager(workdir, keep=1, subdir="best", best_metric="eval/loss",
+                                       async_save=config.checkpoint.async_save)
+        step = self.mngr.best_step()
+        self.loss = (self.mngr.metrics(step) or {}).get("eval/loss", math.inf) if step else math.inf
+
+    def offer(self, step: int, row: dict, state, data_state: dict, record: dict):
+        """Save `state` as the best checkpoint when `row`'s eval loss is finite and lower."""
+        loss = float(row["eval/loss"])
+        if math.isfinite(loss) and loss < self.loss and self.mngr.latest_step() != step:
+            checkpoint.save(self.mngr, step, state, data_state, run=record,
+                            metrics={"eval/loss": loss})
+            self.loss = loss
+
+
+@contextlib.contextmanager
+def _finish_on_error(mngr, best, log):
+    """When the loop raises, let saves already in flight land (the last good checkpoint is then
+    whole on disk) and close the metrics file, then re-raise."""
+    try:
+        yield
+    except BaseException:
+        for m in (mngr, best.mngr if best is not None else None):
+            if m is not None:
+                try:
+                    m.wait_until_finished()
+                    m.close()
+                except Exception:  # noqa: BLE001 (the original error is the one to report)
+                    pass
+        log.close()
+        raise
 
 
 @dataclasses.dataclass
@@ -217,7 +256,13 @@ def train(config, workdir: str, train_examples=None, eval_examples=(), init_para
     Calibrated pruning (Wanda, SparseGPT) draws its calibration rows from `train_examples`.
     `init_params` starts from given weights (e.g. a pretrained base) instead of random ones, and
     `model_cfg` is then their config (default: `model_config(config)`); `tokenizer` (default:
-    `data.tokenizer`) is only used to initialize text-initialized soft prompts.
+    `data.tokenizer`) initializes text-initialized soft prompts and is fingerprinted in the
+    checkpoints' run record.
+
+    When things go wrong it raises (`ptjax.train.failures`): `NonFiniteError` after
+    `train.max_bad_steps` consecutive skipped non-finite steps, `CheckpointWriteError` when a
+    checkpoint cannot be written, `ResumeMismatch` when the workdir's checkpoint belongs to
+    another run, and `Preempted` after saving the current step on SIGTERM.
     """
     write_config(config, workdir)
     cfg = model_cfg or model_config(config)
@@ -237,10 +282,12 @@ def train(config, workdir: str, train_examples=None, eval_examples=(), init_para
                              "training examples, and this run has none")
         calibration = prune.calibration_rows(train_examples, tc.seq_len,
                                              config.prune.calibration_rows)
+    tokenizer = tokenizer or D.load_tokenizer(config.data.tokenizer)
     state, state_shardings, trainable_mask, tx = initial_state(
         config, cfg, mesh, rules, init_params, tokenizer, objective.add_params,
         objective.trainable, calibration)
     del init_params
+    record = run_record.describe(config, cfg, state.trainable, tokenizer, state.opt_state)
 
     batch_sharding = sharding.batch_sharding(mesh, rules, ndim=1)  # rows split, the rest whole
     with sharding.use(mesh, rules):
@@ -251,7 +298,12 @@ def train(config, workdir: str, train_examples=None, eval_examples=(), init_para
 
     mngr = checkpoint.manager(workdir, keep=config.checkpoint.keep,
                               async_save=config.checkpoint.async_save)
+    best = Best(workdir, config) if config.checkpoint.keep_best and eval_data else None
     gradual = prune.is_gradual(config.prune)
+    latest = mngr.latest_step()
+    if latest is not None:
+        run_record.check_resume(checkpoint.read_run(mngr, latest), record,
+                                config.checkpoint.allow_changes, f"{mngr.directory}/{latest}")
     restored = checkpoint.restore_latest(mngr, checkpoint.abstract_like(
         saved_part(state, gradual), saved_part(state_shardings, gradual)))
     start = 0
@@ -267,13 +319,20 @@ def train(config, workdir: str, train_examples=None, eval_examples=(), init_para
     step_keys = jax.random.fold_in(jax.random.key(config.seed), 2)  # apart from the init keys
 
     last_metrics: dict = {}
-    with sharding.use(mesh, rules):
+    health = guard.initial_health(sharding.replicated(mesh))
+
+    def save(done: int):
+        checkpoint.save(mngr, done, saved_part(state, gradual), data.state(), run=record)
+
+    with sharding.use(mesh, rules), preemption.Watch() as preempt, \
+            _finish_on_error(mngr, best, log):
         bar = tqdm(range(start, tc.steps), initial=start, total=tc.steps, desc=os.path.basename(workdir),
                    disable=not show_progress or jax.process_index() != 0, dynamic_ncols=True)
         window_start, window_steps = time.perf_counter(), 0
         for step in bar:
             batch = to_device(next(data), batch_sharding)
             state, step_metrics = step_fn(state, batch, jax.random.fold_in(step_keys, step))
+            health = guard.track(health, step_metrics["nonfinite"])
             window_steps += 1
             done = step + 1
             if prune.is_mask_update(config.prune, done):
@@ -289,7 +348,12 @@ def train(config, workdir: str, train_examples=None, eval_examples=(), init_para
                 row["train/lr"] = float(schedule(step))
                 if window_steps:
                     row["train/tokens_per_s"] = window_steps * objective.tokens_per_batch / elapsed
+                health, row["train/skipped_steps"], too_many = guard.check(health, tc.max_bad_steps)
                 log.write(done, row)
+                if too_many:
+                    checkpoint.finish(mngr, done)
+                    raise guard.stop_error(too_many, done, tc.max_bad_steps, failures.last_good(
+                        str(mngr.directory), checkpoint.latest_step(mngr)))
                 last_metrics.update(row)
                 bar.set_postfix(loss=f"{float(step_metrics['loss']):.4f}",
                                 tok_s=f"{row.get('train/tokens_per_s', 0):.0f}")
@@ -298,11 +362,20 @@ def train(config, workdir: str, train_examples=None, eval_examples=(), init_para
                 row = evaluate(eval_fn, state.params, eval_data, batch_sharding, objective.summarize)
                 log.write(done, row)
                 last_metrics.update(row)
-            if done % config.checkpoint.every == 0 or done == tc.steps:
-                checkpoint.save(mngr, done, saved_part(state, gradual), data.state())
+                if best is not None:
+                    best.offer(done, row, saved_part(state, gradual), data.state(), record)
+            scheduled = done % config.checkpoint.every == 0 or done == tc.steps
+            if scheduled:
+                save(done)
+            if preempt.reached(done):
+                if not scheduled:
+                    save(done)
+                checkpoint.finish(mngr, done)
+                raise failures.Preempted(done, str(mngr.directory))
         bar.close()
-    mngr.wait_until_finished()
-    mngr.close()
+    checkpoint.finish(mngr, tc.steps)
+    if best is not None:
+        checkpoint.finish(best.mngr, tc.steps)
 
     if eval_data and "eval/loss" not in last_metrics:  # resumed a finished run: still report
         last_metrics.update(evaluate(eval_fn, state.params, eval_data, batch_sharding,

@@ -34,15 +34,28 @@ def test_sft_layout_and_mask():
     assert TOK.decode(ids[mask]) == "2 é"
 
 
-def test_sft_accepts_a_dict_and_truncates_from_the_right():
+def test_sft_accepts_a_dict_and_cuts_the_prompt_from_the_left():
     full_ids, full_mask = encode_sft({"prompt": "abc", "completion": "de"}, TOK, max_len=100)
     assert full_mask.sum() == 3  # "d", "e", eos
-    for max_len in (1, 4, 5, 7):
-        ids, mask = encode_sft(SFTRecord("abc", "de"), TOK, max_len=max_len)
-        np.testing.assert_array_equal(ids, full_ids[:max_len])
-        np.testing.assert_array_equal(mask, full_mask[:max_len])
+    bos, a, b, c, d, e, eos = full_ids.tolist()
+    # By hand: BOS stays, prompt bytes go from the left; when even "de"+EOS does not fit after
+    # the BOS, the answer's end goes; a window with no predictable loss token is no example.
+    expected = {7: [bos, a, b, c, d, e, eos], 5: [bos, c, d, e, eos], 4: [bos, d, e, eos],
+                3: [bos, d, e], 1: None}
+    for max_len, want in expected.items():
+        got = encode_sft(SFTRecord("abc", "de"), TOK, max_len=max_len)
+        if want is None:
+            assert got is None
+            continue
+        ids, mask = got
+        assert ids.tolist() == want
+        assert mask.tolist() == [False] + [i in (d, e, eos) for i in want[1:]]
+    assert encode_sft(SFTRecord("abc", "de"), TOK, max_len=6, truncate="drop") is None
+    np.testing.assert_array_equal(encode_sft(SFTRecord("abc", "de"), TOK, 7, "drop")[0], full_ids)
     with pytest.raises(ValueError):
         encode_sft(SFTRecord("a", "b"), TOK, max_len=0)
+    with pytest.raises(ValueError, match="data.truncate"):
+        encode_sft(SFTRecord("a", "b"), TOK, max_len=8, truncate="right")
 
 
 def test_chat_layout_and_mask():
@@ -197,11 +210,12 @@ def test_chat_prompt_for_generation_is_the_training_prefix(templated):
                                              add_special_tokens=False).ids
         np.testing.assert_array_equal(ids[: len(prompt)], prompt)
         assert mask[len(prompt)] and not mask[len(prompt) - 1]
-    # Cutting to max_len keeps the beginning.
-    for max_len in (1, 9, len(ids) - 1):
-        short_ids, short_mask = encode_sft(ChatRecord(TURNS), tok, max_len=max_len)
-        np.testing.assert_array_equal(short_ids, ids[:max_len])
-        np.testing.assert_array_equal(short_mask, mask[:max_len])
+    # Cutting to max_len removes the prompt's first tokens after the BOS; the replies stay whole.
+    head = int(ids[0] == tok.bos_id and tok.add_bos)
+    for cut in (1, 3):
+        short_ids, short_mask = encode_sft(ChatRecord(TURNS), tok, max_len=len(ids) - cut)
+        np.testing.assert_array_equal(short_ids, np.concatenate([ids[:head], ids[head + cut:]]))
+        np.testing.assert_array_equal(short_mask, np.concatenate([mask[:head], mask[head + cut:]]))
 
 
 def test_template_that_rewrites_earlier_turns_is_rejected(templated):
