@@ -112,6 +112,19 @@ def _seen_tokens(tokens, valid, vocab: int):
     return counts > 0
 
 
+def unpack_bitmask(bits, vocab: int):
+    """[b, vocab] bool from a token bitmask [b, ceil(vocab/32)] int32 (bit j of word i is token
+    32*i + j, least significant bit first).
+
+    Why this format: constraint engines (llguidance) write their allowed-token sets this way,
+    so a host callback hands the sampler 1/32 of the bytes a bool mask would take.
+    """
+    shifts = jnp.arange(32, dtype=jnp.uint32)
+    words = jax.lax.bitcast_convert_type(bits.astype(jnp.int32), jnp.uint32)
+    unpacked = (words[:, :, None] >> shifts) & 1
+    return unpacked.reshape(bits.shape[0], -1)[:, :vocab].astype(bool)
+
+
 def _choose(logits, key, temperature: float, top_k: int, top_p: float):
     """(token [b] int32, logprob [b] f32) for one step; greedy when temperature is 0.
 
@@ -201,7 +214,7 @@ def decode_layout(params, batch: int):
 def generate(params, cfg: ModelConfig, prompt_tokens, prompt_mask, rng, *, max_new_tokens: int,
              temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, eos_id=2,
              pad_id: int = 0, repetition_penalty: float = 1.0, prompt_embeds=None,
-             on_token=None) -> dict:
+             on_token=None, combine_streams=None, allowed_tokens=None) -> dict:
     """Continue left-padded prompts by up to `max_new_tokens` tokens with a KV cache.
 
     Why this shape: RL and evaluation need whole batches of continuations, their logprobs and
@@ -219,8 +232,20 @@ def generate(params, cfg: ModelConfig, prompt_tokens, prompt_mask, rng, *, max_n
     (streaming) and may stop rows (True: the row is done after this token; stop strings). Returns `tokens` [b, n] int32, `logprobs` [b, n] f32 (see the
     module docstring), `lengths` [b] int32 (tokens emitted, EOS included) and `done` [b] bool
     (EOS was emitted).
+
+    Two hooks serve inference-time guidance (`ptjax.guidance`). `combine_streams` runs several
+    model rows per sampled row in the one cache: `prompt_tokens` then holds k*b rows, stream by
+    stream (classifier-free guidance: the conditional prompts, then the unconditional or
+    negative ones), the function maps their logits [k*b, vocab] to the b rows sampled from, and
+    each chosen token is appended to all k streams; the repetition penalty, filters and logprobs
+    then apply to the combined logits, and `seen` comes from the first stream. `allowed_tokens`,
+    a host function `(last tokens [b] int32, -1 before the first; active [b] bool) -> bitmask
+    [b, ceil(vocab/32)] int32` (see `unpack_bitmask`) called once per step before choosing,
+    restricts that step to the set bits (constrained decoding: masked logits become -inf, and
+    the logprobs are those of the masked distribution); it must leave at least one token of
+    every active row.
     """
-    b, p = prompt_tokens.shape
+    rows, p = prompt_tokens.shape
     stop_ids = jnp.asarray(normalize_stop_ids(eos_id), jnp.int32)
     penalize = repetition_penalty != 1.0
     mask = prompt_mask.astype(jnp.int32)
@@ -229,12 +254,19 @@ def generate(params, cfg: ModelConfig, prompt_tokens, prompt_mask, rng, *, max_n
                                                             positions_from_mask(mask))
     if prompt_embeds is not None:
         inputs_embeds = prompt_embeds
-    cache = llama.init_cache(cfg, b, p + max_new_tokens, prefix=prefix)
+    cache = llama.init_cache(cfg, rows, p + max_new_tokens, prefix=prefix)
     hidden, cache = llama.decode(params, cfg, inputs_embeds, positions, mask, cache)
     # Position of generated token 0: after the prefix (if any) and the row's real tokens.
     next_position = prompts.prefix_length(params) + jnp.sum(mask, axis=-1).astype(jnp.int32)
     first_logits = llama.logits_from_hidden(params, cfg, hidden[:, -1])
-    params = decode_layout(params, b)
+    params = decode_layout(params, rows)
+    b = rows
+    if combine_streams is not None:
+        b = jax.eval_shape(combine_streams, first_logits).shape[0]
+    streams = rows // b
+    if streams * b != rows:
+        raise ValueError(f"combine_streams gave {b} rows for {rows} prompt rows; "
+                         "expected a divisor")
 
     def not_finished(state):
         return (state["step"] < max_new_tokens) & ~jnp.all(state["done"])
@@ -248,10 +280,21 @@ def generate(params, cfg: ModelConfig, prompt_tokens, prompt_mask, rng, *, max_n
         """
         step = state["step"]
         logits = state["logits"]
+        if combine_streams is not None:
+            logits = combine_streams(logits)
         if penalize:
             logits = penalize_repetition(logits, state["seen"], repetition_penalty)
-        token, logprob = _choose(logits, jax.random.fold_in(rng, step), temperature, top_k, top_p)
         active = ~state["done"]
+        if allowed_tokens is not None:
+            previous = jax.lax.dynamic_slice_in_dim(state["tokens"], jnp.maximum(step - 1, 0),
+                                                    1, 1)
+            last = jnp.where(step > 0, previous[:, 0], -1)
+            words = -(-logits.shape[-1] // 32)
+            bits = io_callback(
+                lambda t, a: np.asarray(allowed_tokens(t, a), np.int32).reshape(b, words),
+                jax.ShapeDtypeStruct((b, words), jnp.int32), last, active, ordered=True)
+            logits = jnp.where(unpack_bitmask(bits, logits.shape[-1]), logits, -jnp.inf)
+        token, logprob = _choose(logits, jax.random.fold_in(rng, step), temperature, top_k, top_p)
         token = jnp.where(active, token, pad_id).astype(jnp.int32)
         stop = jnp.isin(token, stop_ids)
         if on_token is not None:
@@ -260,8 +303,9 @@ def generate(params, cfg: ModelConfig, prompt_tokens, prompt_mask, rng, *, max_n
                                 ordered=True)
         logprob = jnp.where(active, logprob, 0.0)
         positions = (next_position + step)[:, None]
-        hidden, cache = llama.decode(params, cfg, llama.embed_tokens(params, cfg, token[:, None]),
-                                     positions, jnp.ones((b, 1), jnp.int32), state["cache"])
+        fed = jnp.tile(token, streams)  # the same token appended to every stream
+        hidden, cache = llama.decode(params, cfg, llama.embed_tokens(params, cfg, fed[:, None]),
+                                     positions, jnp.ones((rows, 1), jnp.int32), state["cache"])
         new_state = {
             "step": step + 1,
             "logits": llama.logits_from_hidden(params, cfg, hidden[:, -1]),
@@ -285,8 +329,8 @@ def generate(params, cfg: ModelConfig, prompt_tokens, prompt_mask, rng, *, max_n
         "done": jnp.zeros((b,), bool),
     }
     if penalize:  # virtual-token slots (negative ids) and padding are not vocabulary ids
-        state["seen"] = _seen_tokens(prompt_tokens, (mask > 0) & (prompt_tokens >= 0),
-                                     cfg.vocab_size)
+        first = prompt_tokens[:b]  # the first stream's prompts
+        state["seen"] = _seen_tokens(first, (mask[:b] > 0) & (first >= 0), cfg.vocab_size)
     state = jax.lax.while_loop(not_finished, step_fn, state)
     return {k: state[k] for k in ("tokens", "logprobs", "lengths", "done")}
 
