@@ -80,3 +80,78 @@ def test_grpo_raises_a_programmatic_reward(tmp_path, method, estimator):
     assert np.mean(scores[-3:]) > np.mean(scores[:3]) + 0.1, scores
     assert all(np.isfinite(r["grpo/kl"]) for r in rows if "grpo/kl" in r)
     assert os.path.exists(os.path.join(workdir, "grpo.png"))
+
+
+def _small_grpo_config(steps=6, lr=1e-2):
+    from configs.grpo import grpo_defaults
+
+    c = base_config()
+    c.trainer = "grpo"
+    c.model.preset = "tiny"
+    c.peft.method = "lora"
+    c.train.update(steps=steps, batch_size=4, log_every=1)
+    c.optim.update(lr=lr, warmup_steps=0, final_lr_fraction=1.0)
+    c.checkpoint.update(every=4, async_save=False)
+    c.grpo = ml_collections.ConfigDict(grpo_defaults().to_dict())
+    c.grpo.update(group_size=2, max_new_tokens=4, epochs=1, minibatches=1, beta=0.02)
+    return c
+
+
+def _grpo_scores(c, workdir, score=even_fraction):
+    grpo_recipe.train(c, workdir, [f"q{i}: " for i in range(8)], TOK,
+                      llama.init_params(CFG, jax.random.key(0)), CFG, score_tokens=score,
+                      show_progress=False)
+    rows = [json.loads(line) for line in open(os.path.join(workdir, "metrics.jsonl"))]
+    return {r["step"]: r["grpo/score"] for r in rows if "grpo/score" in r}
+
+
+@pytest.mark.slow  # three GRPO runs and a refused fourth (~40 s on 2 cores)
+def test_grpo_sigterm_saves_the_iteration_and_resumes_like_an_uninterrupted_run(tmp_path):
+    """SIGTERM during iteration 3 (checkpoints every 4): the loop saves iteration 3, raises
+    Preempted, and the rerun gives an uninterrupted run's scores; a changed GRPO hyperparameter
+    in the same workdir is refused by name."""
+    import signal
+
+    from ptjax.train import failures
+
+    whole = _grpo_scores(_small_grpo_config(), str(tmp_path / "whole"))
+    calls = []
+
+    def score_then_sigterm(tokens, mask, response):
+        calls.append(1)
+        if len(calls) == 3:
+            os.kill(os.getpid(), signal.SIGTERM)  # the loop's handler only sets a flag
+        return even_fraction(tokens, mask, response)
+
+    workdir = str(tmp_path / "cut")
+    with pytest.raises(failures.Preempted, match="saved step 3"):
+        _grpo_scores(_small_grpo_config(), workdir, score_then_sigterm)
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # the handler was put back
+    changed = _small_grpo_config()
+    changed.grpo.clip_eps = 0.3
+    with pytest.raises(failures.ResumeMismatch, match="grpo.clip_eps"):
+        _grpo_scores(changed, workdir)
+    resumed = _grpo_scores(_small_grpo_config(), workdir)
+    assert sorted(resumed) == list(range(1, 7))
+    np.testing.assert_allclose([resumed[s] for s in range(1, 7)],
+                               [whole[s] for s in range(1, 7)], rtol=1e-6)
+
+
+@pytest.mark.slow
+def test_grpo_stops_after_max_bad_steps_of_nonfinite_updates(tmp_path):
+    """A reward that turns NaN from iteration 2 on: every update is skipped (the policy keeps
+    iteration 1's weights) and the run stops naming the iteration and the last good checkpoint."""
+    from ptjax.train import failures
+
+    calls = []
+
+    def nan_after_first(tokens, mask, response):
+        calls.append(1)
+        out = even_fraction(tokens, mask, response)
+        return out if len(calls) == 1 else out * np.nan
+
+    c = _small_grpo_config(steps=10)
+    c.checkpoint.every = 1
+    c.train.max_bad_steps = 3
+    with pytest.raises(failures.NonFiniteError, match=r"up to step 4.*last good checkpoint is step 3"):
+        _grpo_scores(c, str(tmp_path / "nan"), nan_after_first)

@@ -16,7 +16,7 @@ from ptjax import tree as ptree
 from ptjax.models import llama
 from ptjax.models.config import preset
 from ptjax.recipes import ppo as ppo_recipe
-from ptjax.train import policy, ppo, reward
+from ptjax.train import failures, policy, ppo, reward
 from ptjax.train.config import base_config
 
 CFG = preset("tiny")
@@ -97,7 +97,12 @@ def test_ppo_raises_a_programmatic_reward_and_resumes(tmp_path):
     params = llama.init_params(CFG, jax.random.key(0))
     ppo_recipe.train(_config(4), workdir, prompts, TOK, params, CFG, score_tokens=even_fraction,
                      show_progress=False)
-    ppo_recipe.train(_config(8), workdir, prompts, TOK, params, CFG, score_tokens=even_fraction,
+    with pytest.raises(failures.ResumeMismatch, match="train.steps: 4 -> 8"):
+        ppo_recipe.train(_config(8), workdir, prompts, TOK, params, CFG,
+                         score_tokens=even_fraction, show_progress=False)
+    longer = _config(8)
+    longer.checkpoint.allow_changes = "train.steps"  # extending the run is meant
+    ppo_recipe.train(longer, workdir, prompts, TOK, params, CFG, score_tokens=even_fraction,
                      show_progress=False)
     rows = [json.loads(line) for line in open(os.path.join(workdir, "metrics.jsonl"))]
     rows = [r for r in rows if "ppo/score" in r]

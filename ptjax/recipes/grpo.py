@@ -22,7 +22,7 @@ from ptjax import tree as ptree
 from ptjax import data as D
 from ptjax.data import encode_prompt
 from ptjax.recipes import ppo as ppo_recipe
-from ptjax.train import grpo, trainer
+from ptjax.train import failures, grpo, guard, preemption, run_record, trainer
 from ptjax.train import metrics as metrics_lib
 
 
@@ -78,6 +78,9 @@ def train(config, workdir: str, prompts: list, tokenizer, init_params, model_cfg
             cfg, tx, tc.grad_accum, shardings, batch_sharding, mesh)
     mngr = checkpoint.manager(workdir, keep=config.checkpoint.keep,
                               async_save=config.checkpoint.async_save)
+    record = run_record.describe(config, cfg, state.trainable, tokenizer,
+                                 state.opt_state)
+    run_record.check_workdir(mngr, record, config.checkpoint.allow_changes)
     states, start, _ = ppo_recipe.restore_or_start(mngr, {"policy": state}, {"policy": shardings},
                                                    {"beta": gc.beta})
     state = states["policy"]
@@ -86,7 +89,8 @@ def train(config, workdir: str, prompts: list, tokenizer, init_params, model_cfg
     order = np.random.default_rng(config.seed).permutation(len(prompt_ids))
     mb = rows_per_iteration // gc.minibatches
     last: dict = {}
-    with sharding.use(mesh, rules):
+    streak = 0  # consecutive minibatch updates skipped for a non-finite loss or gradient
+    with sharding.use(mesh, rules), preemption.Watch() as preempt:
         bar = tqdm(range(start, tc.steps), initial=start, total=tc.steps, desc=gc.estimator,
                    disable=not show_progress or jax.process_index() != 0, dynamic_ncols=True)
         for it in bar:
@@ -118,6 +122,7 @@ def train(config, workdir: str, prompts: list, tokenizer, init_params, model_cfg
                     state, m = update_fn(state, minibatch, jax.random.fold_in(key, 1 + 97 * epoch + j))
                     step_metrics.append(m)
             step_metrics = ptree.to_host(step_metrics)
+            streak, longest = guard.host_streak(streak, [m["nonfinite"] for m in step_metrics])
             t3 = time.perf_counter()
             row = {"grpo/score": float(parts.sum(0).mean()),
                    "grpo/kl": float(np.mean([m["kl"] for m in step_metrics])
@@ -130,12 +135,16 @@ def train(config, workdir: str, prompts: list, tokenizer, init_params, model_cfg
                    "grpo/group_reward_std": float(rewards.reshape(-1, g).std(1, ddof=1).mean()),
                    "time/generate_s": t1 - t0, "time/score_s": t2 - t1, "time/train_s": t3 - t2,
                    **{f"reward/{n}": float(p.mean()) for n, p in zip(reward_names, parts)}}
+            row["grpo/skipped_updates"] = float(sum(m["nonfinite"] for m in step_metrics))
             log.write(it + 1, row)
             last = row
             bar.set_postfix(score=f"{row['grpo/score']:.3f}")
-            if (it + 1) % config.checkpoint.every == 0 or it + 1 == tc.steps:
+            ppo_recipe.stop_if_diverged(mngr, log, longest, it + 1, tc.max_bad_steps)
+            preempted = preempt.reached(it + 1)  # asked once per iteration, on every process
+            if preempted or (it + 1) % config.checkpoint.every == 0 or it + 1 == tc.steps:
                 checkpoint.save(mngr, it + 1, {"policy": trainer.saved_part(state, False)},
-                                {"step": it + 1})
+                                {"step": it + 1}, run=record)
+            ppo_recipe.stop_if_preempted(preempted, mngr, log, it + 1)
         bar.close()
     checkpoint.finish(mngr, tc.steps)  # a failed background save is raised here
     log.close()

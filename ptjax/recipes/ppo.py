@@ -31,7 +31,7 @@ from ptjax.data import encode_prompt
 from ptjax.models import heads
 from ptjax.train import metrics as metrics_lib
 from ptjax.train import policy as policy_lib
-from ptjax.train import ppo, reward, rl_math, trainer
+from ptjax.train import failures, guard, ppo, preemption, reward, rl_math, run_record, trainer
 
 
 CRITICS = ("shared", "separate")
@@ -158,6 +158,27 @@ def restore_or_start(mngr, states: dict, shardings: dict, initial: dict):
              for k, s in states.items()}, start, dict(data_state))
 
 
+def stop_if_diverged(mngr, log, longest: int, iteration: int, max_bad_steps: int):
+    """Stop an RL loop (PPO, GRPO) as `trainer.train` stops: after `train.max_bad_steps`
+    consecutive minibatch updates with a non-finite loss or gradient norm (each skipped inside
+    the step), naming the iteration and the last good checkpoint."""
+    if max_bad_steps > 0 and longest >= max_bad_steps:
+        checkpoint.finish(mngr, iteration)
+        log.close()
+        raise guard.stop_error(longest, iteration, max_bad_steps, failures.last_good(
+            str(mngr.directory), checkpoint.latest_step(mngr)))
+
+
+def stop_if_preempted(preempted: bool, mngr, log, iteration: int):
+    """After SIGTERM (or the runtime's preemption notice: `preempted`, from
+    `preemption.Watch.reached`), once this iteration is saved on every process: let the save
+    land and end the run with `Preempted` (launch.py exits 0)."""
+    if preempted:
+        checkpoint.finish(mngr, iteration)
+        log.close()
+        raise failures.Preempted(iteration, str(mngr.directory))
+
+
 def with_value_lr(config):
     """`config` whose optimizer gives the value head its own peak learning rate `ppo.value_lr`.
 
@@ -259,6 +280,9 @@ def train(config, workdir: str, prompts: list, tokenizer, init_params, model_cfg
 
     mngr = checkpoint.manager(workdir, keep=config.checkpoint.keep,
                               async_save=config.checkpoint.async_save)
+    record = run_record.describe(config, cfg, states["policy"].trainable, tokenizer,
+                                 states["policy"].opt_state)
+    run_record.check_workdir(mngr, record, config.checkpoint.allow_changes)
     states, start, loop = restore_or_start(mngr, states, state_shardings,
                                            {"beta": float(pc.kl_coef), "score_bias": 0.0,
                                             "score_gain": 1.0})
@@ -276,7 +300,8 @@ def train(config, workdir: str, prompts: list, tokenizer, init_params, model_cfg
 
     norm_keys = jax.random.fold_in(jax.random.key(config.seed), 6)
     last: dict = {}
-    with sharding.use(mesh, rules):
+    streak = 0  # consecutive minibatch updates skipped for a non-finite loss or gradient
+    with sharding.use(mesh, rules), preemption.Watch() as preempt:
         bias, gain = float(loop.get("score_bias", 0.0)), float(loop.get("score_gain", 1.0))
         if start == 0 and pc.score_normalization_samples:
             bias, gain = score_normalization(
@@ -320,6 +345,7 @@ def train(config, workdir: str, prompts: list, tokenizer, init_params, model_cfg
                              "critic_grad_norm": cm["grad_norm"]}
                     epoch_metrics.append(m)
             epoch_metrics = ptree.to_host(epoch_metrics)
+            streak, longest = guard.host_streak(streak, [m["nonfinite"] for m in epoch_metrics])
             t3 = time.perf_counter()
             row = {
                 "ppo/score": float(raw_score.mean()), "ppo/kl": kl, "ppo/kl_coef": beta,
@@ -335,12 +361,15 @@ def train(config, workdir: str, prompts: list, tokenizer, init_params, model_cfg
             log.write(it + 1, row)
             last = row
             bar.set_postfix(score=f"{row['ppo/score']:.3f}", kl=f"{kl:.2f}")
-            if (it + 1) % config.checkpoint.every == 0 or it + 1 == tc.steps:
+            stop_if_diverged(mngr, log, longest, it + 1, tc.max_bad_steps)
+            preempted = preempt.reached(it + 1)  # asked once per iteration, on every process
+            if preempted or (it + 1) % config.checkpoint.every == 0 or it + 1 == tc.steps:
                 saved = {"policy": state} | ({} if critic is None else {"critic": critic})
                 checkpoint.save(mngr, it + 1,
                                 {k: trainer.saved_part(s, False) for k, s in saved.items()},
                                 {"step": it + 1, "beta": beta, "score_bias": bias,
-                                 "score_gain": gain})
+                                 "score_gain": gain}, run=record)
+            stop_if_preempted(preempted, mngr, log, it + 1)
         bar.close()
     checkpoint.finish(mngr, tc.steps)  # a failed background save is raised here
     log.close()

@@ -55,6 +55,19 @@ def check(health, max_bad_steps: int) -> tuple:
     return _restart_longest(health), total, too_many
 
 
+def host_streak(streak: int, nonfinite_flags) -> tuple[int, int]:
+    """(consecutive non-finite updates at the end, the longest such run) after the host-side
+    `nonfinite` metrics of several updates in order, continuing a run of `streak` before them.
+
+    For loops that already hold their metrics on the host (PPO and GRPO read every iteration's
+    minibatch metrics back to log them), so counting needs no device counter there."""
+    longest = streak
+    for flag in nonfinite_flags:
+        streak = streak + 1 if float(flag) > 0 else 0
+        longest = max(longest, streak)
+    return streak, longest
+
+
 def stop_error(longest: int, step: int, max_bad_steps: int, last_good_text: str):
     """The error a run stops with after `longest` consecutive non-finite steps up to `step`."""
     return NonFiniteError(

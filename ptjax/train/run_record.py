@@ -138,6 +138,17 @@ def _short(v) -> str:
     return text if len(text) <= 120 else text[:117] + "..."
 
 
+def check_workdir(mngr, record: dict, allow_changes: str):
+    """Check the newest checkpoint in `mngr`'s folder (if any) against this run's `record`
+    before anything is restored from it (`check_resume`)."""
+    from ptjax import checkpoint  # checkpoint imports ptjax.train.failures: import when used
+
+    latest = mngr.latest_step()
+    if latest is not None:
+        check_resume(checkpoint.read_run(mngr, latest), record, allow_changes,
+                     f"{mngr.directory}/{latest}")
+
+
 def check_resume(saved: dict | None, current: dict, allow_changes: str, where: str):
     """Refuse to resume from the checkpoint `where` when its record differs from `current` in a
     field not in `allow_changes` (comma-separated fields or prefixes, e.g. "optim,data.train"),

@@ -300,10 +300,7 @@ def train(config, workdir: str, train_examples=None, eval_examples=(), init_para
                               async_save=config.checkpoint.async_save)
     best = Best(workdir, config) if config.checkpoint.keep_best and eval_data else None
     gradual = prune.is_gradual(config.prune)
-    latest = mngr.latest_step()
-    if latest is not None:
-        run_record.check_resume(checkpoint.read_run(mngr, latest), record,
-                                config.checkpoint.allow_changes, f"{mngr.directory}/{latest}")
+    run_record.check_workdir(mngr, record, config.checkpoint.allow_changes)
     restored = checkpoint.restore_latest(mngr, checkpoint.abstract_like(
         saved_part(state, gradual), saved_part(state_shardings, gradual)))
     start = 0
