@@ -121,6 +121,7 @@ def test_quantize_config_saves_a_model_that_measures_the_same(checkpoint_and_tex
         quantized["perplexity"], rel=1e-4)
 
 
+@pytest.mark.slow  # CI keeps tests/test_prune.py's gradual schedule + resume through the trainer
 def test_prune_config_gradual_reaches_the_sparsity_and_resumes(checkpoint_and_text, tmp_path):
     root = checkpoint_and_text
     args = [f"--config.model.init={root / 'hf'}", f"--config.compress.text={root / 'text.txt'}",

@@ -9,6 +9,7 @@ import sys
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+import pytest
 
 from ptjax.interop import hf, peft_format
 from ptjax.models import llama
@@ -29,6 +30,7 @@ def _launch_sft(options: str, workdir: str, steps: int, checkpoint_every: int):
                    capture_output=True)
 
 
+@pytest.mark.slow  # CI keeps the QLoRA run below (the same launch, checkpoint and export path)
 def test_lora_run_checkpoints_adapters_only_and_exports(tmp_path):
     workdir = str(tmp_path / "run")
     _launch_sft("peft=lora", workdir, steps=6, checkpoint_every=3)

@@ -39,6 +39,7 @@ def run_steps(mesh_shape, devices, batches):
     return losses, state
 
 
+@pytest.mark.slow  # CI keeps tests/test_strategies.py's dp+fsdp+tp cases (the same 2x2x2 mesh)
 @pytest.mark.skipif(jax.device_count() < 8, reason="needs 8 (simulated) devices")
 def test_2x2x2_mesh_matches_single_device():
     batches = demo_batches(5, batch_size=8)
