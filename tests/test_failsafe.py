@@ -241,6 +241,26 @@ def test_truncation_keeps_completions_and_names_cut_and_dropped_lines(tmp_path, 
         sft_recipe.load_examples(path, TOK, 4, "drop")
 
 
+def test_preference_pairs_are_cut_or_dropped_whole_and_named(tmp_path, capsys):
+    """Reward models and DPO read pairs the same way: both sides cut from the left (each keeps
+    its response), the pair named by line; under `drop` a pair goes whole when a side is too
+    long, so no side ever trains without the other."""
+    from ptjax.recipes import reward as reward_recipe
+
+    path = str(tmp_path / "pairs.jsonl")
+    D.write_jsonl(path, [{"prompt": "p" * 3, "chosen": "ab", "rejected": "cd"},
+                         {"prompt": "q" * 40, "chosen": "yes", "rejected": "no"}])
+    pairs = reward_recipe.read_pair_file(path, TOK, 12, "left")
+    assert f"{path}: 1 of 2 examples had their prompt cut from the left to fit 12 tokens " \
+           "(data.truncate=left): pairs.jsonl:2" in capsys.readouterr().out
+    (chosen, chosen_mask), (rejected, rejected_mask) = pairs[1]
+    assert chosen.tolist() == [TOK.bos_id] + TOK.encode("q" * 7 + "yes") + [TOK.eos_id]
+    assert rejected.tolist() == [TOK.bos_id] + TOK.encode("q" * 8 + "no") + [TOK.eos_id]
+    assert chosen_mask[1:].any() and rejected_mask[1:].any()
+    assert len(reward_recipe.read_pair_file(path, TOK, 12, "drop")) == 1
+    assert "1 of 2 examples were dropped" in capsys.readouterr().out
+
+
 # -------------------------------------------------------------------------- resume guard
 
 

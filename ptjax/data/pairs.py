@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ptjax.data.encode import encode_sft
+from ptjax.data.encode import encode_sft, encode_sft_status
 from ptjax.data.records import PreferenceRecord
 
 Pair = tuple[tuple[np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray]]
@@ -21,6 +21,20 @@ SIDES = ("chosen", "rejected")
 def encode_pair(record: PreferenceRecord, tokenizer, max_len: int) -> Pair:
     """`((chosen ids, chosen response mask), (rejected ids, rejected response mask))`."""
     return tuple(encode_sft(record.as_sft(side), tokenizer, max_len) for side in SIDES)
+
+
+def encode_pair_status(record: PreferenceRecord, tokenizer, max_len: int,
+                       truncate: str = "left") -> tuple[Pair | None, str]:
+    """`(pair or None, status)`: both sides cut to fit as `data.truncate` says (`encode_sft_status`);
+    "dropped" when either side is, else "cut" when either side is, else "ok". A pair is kept or
+    dropped whole, so no side ever trains without the other."""
+    sides = [encode_sft_status(record.as_sft(side), tokenizer, max_len, truncate)
+             for side in SIDES]
+    statuses = {status for _, status in sides}
+    status = next((s for s in ("dropped", "cut") if s in statuses), "ok")
+    if status == "dropped":
+        return None, status
+    return tuple(encoded for encoded, _ in sides), status
 
 
 def pair_batch(pairs: list[Pair], seq_len: int, batch_size: int | None = None,

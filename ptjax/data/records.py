@@ -199,16 +199,17 @@ def read_preference_jsonl(path: str | os.PathLike) -> list[PreferenceRecord]:
     Validated up front like `read_sft_jsonl`; `chosen == rejected` is allowed (it carries no
     preference signal but is not malformed).
     """
-    records = []
-    for line, obj in _json_objects(path):
-        records.append(
-            PreferenceRecord(
+    return [record for _, record in read_preference_jsonl_lines(path)]
+
+
+def read_preference_jsonl_lines(path: str | os.PathLike) -> list[tuple[int, PreferenceRecord]]:
+    """`(line number, record)` for every record of a preference JSONL file, so that truncation
+    reports can name the line a pair came from."""
+    return [(line, PreferenceRecord(
                 prompt=_turns_or_text(obj, "prompt", path, line, assistant=False),
                 chosen=_turns_or_text(obj, "chosen", path, line, assistant=True),
-                rejected=_turns_or_text(obj, "rejected", path, line, assistant=True),
-            )
-        )
-    return records
+                rejected=_turns_or_text(obj, "rejected", path, line, assistant=True)))
+            for line, obj in _json_objects(path)]
 
 
 def read_prompts_jsonl(path: str | os.PathLike) -> list[str]:

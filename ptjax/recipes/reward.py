@@ -54,6 +54,27 @@ def split_pairs(pairs, fraction: float, seed: int):
     return [pairs[i] for i in order[n_eval:]], [pairs[i] for i in order[:n_eval]]
 
 
+def read_pair_file(path: str, tokenizer, seq_len: int, truncate: str = "left") -> list:
+    """The encoded pairs of a preference JSONL file; over-long pairs are cut from the left or
+    dropped (`data.truncate`), reported by file and line as SFT files are."""
+    from ptjax.data import truncate as truncation
+
+    truncation.check_policy(truncate)
+    report = truncation.Report(path, seq_len, truncate)
+    pairs = []
+    for line, record in D.read_preference_jsonl_lines(path):
+        pair, status = P.encode_pair_status(record, tokenizer, seq_len, truncate)
+        report.add(status, line)
+        if pair is not None:
+            pairs.append(pair)
+    if report.message() and jax.process_index() == 0:
+        print(report.message(), flush=True)
+    if not pairs:
+        raise D.DataError(path, f"no pair fits train.seq_len={seq_len} tokens with "
+                                f"data.truncate={truncate}")
+    return pairs
+
+
 def read_pairs(config, tokenizer, eval_fraction: float, what: str):
     """(train pairs, held-out pairs) encoded from `data.train`, and `data.eval` if given, else
     a seeded `eval_fraction` of the training file. `what` names the trainer in the error."""
@@ -61,8 +82,7 @@ def read_pairs(config, tokenizer, eval_fraction: float, what: str):
         raise ValueError(f"data.train: {what} needs a preference JSONL file "
                          "(prompt, chosen, rejected)")
     seq_len = config.train.seq_len
-    read = lambda path: [P.encode_pair(r, tokenizer, seq_len)  # noqa: E731
-                         for r in D.read_preference_jsonl(path)]
+    read = lambda path: read_pair_file(path, tokenizer, seq_len, config.data.truncate)  # noqa: E731
     pairs = read(config.data.train)
     if config.data.eval:
         return pairs, read(config.data.eval)
