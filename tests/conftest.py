@@ -25,19 +25,3 @@ def causal_block(request, monkeypatch):
     yield size
     if size:
         jax.clear_caches()
-
-
-# The longest tests (tens of seconds each on 2 cores), started first: xdist hands tests out in
-# collection order, and one of these left for last kept a worker busy while the other idled.
-LONGEST_FIRST = ("test_multiprocess.py", "test_strategies.py", "test_ppo.py",
-                 "test_train_reference.py", "test_long_context.py", "test_reward.py")
-
-
-def pytest_collection_modifyitems(config, items):
-    """Run the files in `LONGEST_FIRST` before the rest (a stable sort: order within each
-    group is kept)."""
-    def rank(item):
-        name = os.path.basename(str(item.fspath))
-        return LONGEST_FIRST.index(name) if name in LONGEST_FIRST else len(LONGEST_FIRST)
-
-    items.sort(key=rank)

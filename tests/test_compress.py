@@ -98,7 +98,7 @@ def checkpoint_and_text(tmp_path_factory):
     return root
 
 
-@pytest.mark.parametrize("method", ["nf4", "int8"])
+@pytest.mark.parametrize("method", ["nf4", pytest.param("int8", marks=pytest.mark.slow)])
 def test_quantize_config_saves_a_model_that_measures_the_same(checkpoint_and_text, tmp_path,
                                                               method):
     root = checkpoint_and_text

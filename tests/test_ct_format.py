@@ -72,7 +72,11 @@ def _edit_config(folder, edit):
 # ----------------------------------------------------------------------------- round trip
 
 
-@pytest.mark.parametrize("scheme", sorted(SCHEMES))
+# CI keeps one scheme per packing (int4 group asymmetric, int4 per tensor, int8, fp8); the
+# symmetric int4 group and channel layouts are the same packing with other scale shapes.
+@pytest.mark.parametrize("scheme", [
+    pytest.param(s, marks=pytest.mark.slow) if s in ("int4-group", "int4-channel") else s
+    for s in sorted(SCHEMES)])
 def test_quantized_nodes_save_and_load_back_as_the_same_codes(tmp_path, scheme):
     params, folder = _saved(tmp_path, scheme)
     loaded = hf.load_params(folder)

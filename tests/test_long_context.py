@@ -6,6 +6,7 @@ import dataclasses
 import chex
 import jax
 import jax.numpy as jnp
+import pytest
 
 from ptjax import bench, ops, sharding
 from ptjax.models import llama
@@ -113,6 +114,7 @@ def test_gpu_fused_attention_gives_the_cpu_kernels_numbers(monkeypatch):
     chex.assert_trees_all_close(gpu, cpu, rtol=2e-5, atol=1e-6)
 
 
+@pytest.mark.slow  # the TPU kernel in Pallas interpret mode (~14 s); no TPU runs CI anyway
 def test_tpu_splash_attention_gives_the_cpu_kernels_numbers(monkeypatch):
     """The TPU path (`ops.splash_attention`: JAX's Pallas splash kernel, causal within
     segments) in Pallas' interpret mode on CPU: the same loss and gradients as the CPU kernels

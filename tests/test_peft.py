@@ -161,6 +161,7 @@ def test_lora_dropout_keeps_with_probability_and_rescales():
     assert ((other == 0) != dropped).mean() > 0.2  # another key, other masks
 
 
+@pytest.mark.slow  # CI keeps tests/test_train.py's accumulation == one big batch
 def test_accumulated_microbatches_draw_their_own_dropout_masks():
     """With grad_accum=2 over two copies of one microbatch, the step's gradient is the sum of the
     microbatch gradients under keys fold_in(rng, 0) and fold_in(rng, 1), which differ."""
@@ -210,8 +211,11 @@ def warm_base():
     return state.params
 
 
-@pytest.mark.parametrize("method", ["full", "lora", "dora", "ia3", "adapter", "prompt", "ptuning",
-                                    "prefix"])
+# Full fine-tuning trains everything in every trainer test; CI runs the PEFT methods here.
+# DoRA is LoRA plus a magnitude (its forward and gradients against numpy stay in CI).
+@pytest.mark.parametrize("method", [pytest.param("full", marks=pytest.mark.slow), "lora",
+                                    pytest.param("dora", marks=pytest.mark.slow),
+                                    "ia3", "adapter", "prompt", "ptuning", "prefix"])
 def test_method_trains_only_its_parameters_and_lowers_loss(method, warm_base):
     cfg = peft_cfg(method, freeze="^(embed|layers_0)/" if method == "full" else "",
                    num_virtual=8, reparam_hidden=32 if method == "prefix" else 0)
@@ -567,6 +571,7 @@ def test_adapter_init_is_identity_with_small_random_down_projection():
     assert not np.any(node.up) and not np.any(node.up_bias) and not np.any(node.down_bias)
 
 
+@pytest.mark.slow  # ~16 s of eager ops; CI trains prompt and P-tuning from their default inits
 def test_soft_prompt_initializations():
     table = np.asarray(BASE["embed"]["embedding"])
     key = jax.random.key(4)

@@ -23,6 +23,7 @@ CFG = preset("tiny")
 TOK = D.ByteTokenizer()
 
 
+@pytest.mark.slow  # CI keeps tests/test_sampling.py's logprobs against the reference forward
 def test_sampler_logprobs_equal_a_full_forward_over_the_finished_rows():
     params = llama.init_params(CFG, jax.random.key(0))
     prompts = [TOK.encode("abc"), TOK.encode("hello w"), TOK.encode("z")]

@@ -51,6 +51,8 @@ def test_base_comes_from_the_checkpoint(gguf_model, tmp_path):
         sft.load_base(config)
 
 
+@pytest.mark.slow  # CI keeps GGUF loading (tests/test_interop_gguf.py) and a launch + export run
+# (tests/test_peft_run.py's QLoRA run)
 def test_lora_on_a_gguf_checkpoint_exports_a_complete_model(gguf_model, tmp_path):
     data = tmp_path / "chat.jsonl"
     write_jsonl(data, [{"messages": [{"role": "user", "content": f"sort {n}"},

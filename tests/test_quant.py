@@ -286,6 +286,7 @@ def _step_temp_bytes(cfg, method: str, batch: int, seq: int) -> int:
     return compiled.memory_analysis().temp_size_in_bytes
 
 
+@pytest.mark.slow  # compiles a wide QLoRA step (~20 s on 2 cores): a memory property, run with -m slow
 def test_qlora_step_dequantizes_one_layer_at_a_time_in_the_backward_pass():
     """QLoRA's point is memory: the backward pass must dequantize each layer's weight when that
     layer's output gradient arrives, not all of them up front (the inputs of every backward

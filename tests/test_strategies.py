@@ -65,7 +65,9 @@ _SINGLE: dict = {}
 
 # Every strategy with full fine-tuning; the weight nodes on the two that split their weights
 # most (FSDP alone, and all three axes).
-CASES = [(strategy, "full") for strategy in STRATEGIES] + [
+# Plain data parallelism runs inside dp+tp and dp+fsdp+tp in CI; alone it is slow-marked.
+CASES = [pytest.param(strategy, "full", marks=pytest.mark.slow) if strategy == "dp"
+         else (strategy, "full") for strategy in STRATEGIES] + [
     ("fsdp", "lora"), ("fsdp", "qlora"), ("dp+fsdp+tp", "lora"),
     pytest.param("dp+fsdp+tp", "qlora", marks=pytest.mark.slow)]
 # Strategies on which XLA's SPMD partitioner is known to replicate an operand and partition it

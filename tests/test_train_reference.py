@@ -125,7 +125,10 @@ def test_eval_step_counts_against_reference():
     np.testing.assert_allclose(out["tokens"], BATCH["loss_mask"].sum())
 
 
-@pytest.mark.parametrize("cast", [True, pytest.param(False, marks=pytest.mark.slow)])
+# Slow both ways (~20 s: a float64 reference); CI keeps bf16 frozen storage in
+# tests/test_quant.py (QLoRA's gradient and dtypes, float32 scales beside a bf16 base).
+@pytest.mark.parametrize("cast", [pytest.param(True, marks=pytest.mark.slow),
+                                  pytest.param(False, marks=pytest.mark.slow)])
 def test_bf16_preset_with_half_precision_frozen_base(cast):
     """LoRA on a bf16-compute model: frozen matrices stored in bf16 give the same loss and
     adapter gradients as frozen float32 ones (the matmuls cast to bf16 anyway), and both are
