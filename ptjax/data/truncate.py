@@ -48,6 +48,33 @@ def fit(ids, mask, max_len: int, policy: str = "left", head: int = 0):
     return np.asarray(ids, np.int32), np.asarray(mask, bool), status
 
 
+def encode_file(path: str, numbered_records, encode_status, max_len: int, policy: str,
+                what: str = "example") -> list:
+    """The encoded items of one data file, each fitted by `encode_status(record) -> (item or
+    None, status)`; prints the file's report (process 0) and fails when nothing fits.
+
+    `numbered_records` are `(line, record)` pairs, so the report names lines. SFT examples and
+    preference pairs (reward models, DPO) share this, so both report the same way."""
+    import jax
+
+    from ptjax.data.errors import DataError
+
+    check_policy(policy)
+    report = Report(path, max_len, policy)
+    items = []
+    for line, record in numbered_records:
+        item, status = encode_status(record)
+        report.add(status, line)
+        if item is not None:
+            items.append(item)
+    if report.message() and jax.process_index() == 0:
+        print(report.message(), flush=True)
+    if not items:
+        raise DataError(path, f"no {what} fits train.seq_len={max_len} tokens with "
+                              f"data.truncate={policy}")
+    return items
+
+
 class Report:
     """Counts of cut and dropped examples of one file, with the first few named by line."""
 

@@ -60,19 +60,10 @@ def read_pair_file(path: str, tokenizer, seq_len: int, truncate: str = "left") -
     from ptjax.data import truncate as truncation
 
     truncation.check_policy(truncate)
-    report = truncation.Report(path, seq_len, truncate)
-    pairs = []
-    for line, record in D.read_preference_jsonl_lines(path):
-        pair, status = P.encode_pair_status(record, tokenizer, seq_len, truncate)
-        report.add(status, line)
-        if pair is not None:
-            pairs.append(pair)
-    if report.message() and jax.process_index() == 0:
-        print(report.message(), flush=True)
-    if not pairs:
-        raise D.DataError(path, f"no pair fits train.seq_len={seq_len} tokens with "
-                                f"data.truncate={truncate}")
-    return pairs
+    return truncation.encode_file(
+        path, D.read_preference_jsonl_lines(path),
+        lambda r: P.encode_pair_status(r, tokenizer, seq_len, truncate), seq_len, truncate,
+        what="pair")
 
 
 def read_pairs(config, tokenizer, eval_fraction: float, what: str):

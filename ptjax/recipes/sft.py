@@ -14,24 +14,12 @@ def load_examples(path: str, tokenizer, seq_len: int, truncate: str = "left"):
     Over-long examples are cut from the left or dropped (`truncate`, `data.truncate`), and the
     run says how many, naming the first few by file and line; a file left with no example fails.
     """
-    import jax
-
     from ptjax.data import truncate as truncation
 
     truncation.check_policy(truncate)
-    report = truncation.Report(path, seq_len, truncate)
-    examples = []
-    for line, record in D.read_sft_jsonl_lines(path):
-        example, status = D.encode_sft_status(record, tokenizer, seq_len, truncate)
-        report.add(status, line)
-        if example is not None:
-            examples.append(example)
-    if report.message() and jax.process_index() == 0:
-        print(report.message(), flush=True)
-    if not examples:
-        raise D.DataError(path, f"no example fits train.seq_len={seq_len} tokens with "
-                                f"data.truncate={truncate}")
-    return examples
+    return truncation.encode_file(
+        path, D.read_sft_jsonl_lines(path),
+        lambda r: D.encode_sft_status(r, tokenizer, seq_len, truncate), seq_len, truncate)
 
 
 def demo_examples(tokenizer, seq_len: int, n: int, seed: int):
