@@ -17,6 +17,10 @@ storage should then be no slower than bf16. Each case is (format, compute dtype,
 - compute dtypes: bfloat16 and float32 (on an AVX2-only CPU bf16 dots are emulated, so float32
   compute over bf16 / quantized storage can be faster; report each format's fastest).
 
+int8 and NF4 decode through the fused dequantize-and-multiply kernels (`ptjax.kernels.cpu`) on
+CPUs with AVX-512 BF16 (the header line says whether they ran); `PTJAX_FUSED_KERNELS=0` measures
+XLA's dequantize-then-dot path instead.
+
 Timing is `ptjax.bench.time_generation`, shared with `python -m ptjax.bench --method=generate`:
 the library's jitted sampler (`ptjax.sampling.make_generate_fn`, temperature 0, no stop id, so
 every step runs) for n = `--new_tokens`, and its prefill as a program of its own, medians of
@@ -52,6 +56,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 from ptjax import bench, quant  # noqa: E402
+from ptjax.kernels import cpu as kernels_cpu  # noqa: E402
 from ptjax.bench import cast_floats, cpu_flags, decode_step_bytes  # noqa: E402
 from ptjax.models.config import preset  # noqa: E402
 from ptjax.train.config import base_config  # noqa: E402
@@ -167,7 +172,8 @@ def main():
         params32 = bench.host_init(cfg)
     prompts = prompts_for(args, cfg, tokenizer)
     print(json.dumps({"cpu": cpu_flags(), "jax": jax.__version__,
-                      "model": args.gguf or args.preset}), flush=True)
+                      "model": args.gguf or args.preset,
+                      "fused_kernels": kernels_cpu.available()}), flush=True)
     rows, references = [], {}
     for fmt in formats:
         params = format_params(params32, fmt, args.rest_dtype)

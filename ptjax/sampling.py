@@ -31,10 +31,12 @@ from jax.experimental import io_callback
 from ptjax import ops
 from ptjax import tree as ptree
 from ptjax.data import encode_prompt
+from ptjax.kernels import cpu as kernels_cpu
 from ptjax.models import llama
 from ptjax.models.config import ModelConfig
 from ptjax.nodes import WeightNode
 from ptjax.peft import prompts
+from ptjax.quant import fused
 
 PAD_MULTIPLE = 16  # generate_text pads prompt lengths to a multiple of this to reuse compiles
 
@@ -160,12 +162,18 @@ class OutInKernel(WeightNode):
     CPU (see `decode_layout`); `x @ kernel` with both dot operands contracting their last dim."""
 
     kernel_t: Any  # [out, in]
+    # multiplied by the fused CPU kernel (`kernels.cpu.bf16_matmul_nt`) in bf16 compute
+    fused: bool = flax.struct.field(pytree_node=False, default=False)
 
     @property
     def shape(self):
         return self.kernel_t.shape[::-1]
 
     def linear(self, x, dtype, rng=None):
+        if self.fused and jnp.dtype(dtype) == jnp.bfloat16:
+            x2 = x.reshape(-1, x.shape[-1])
+            y = kernels_cpu.bf16_matmul_nt(x2, self.kernel_t).astype(dtype)
+            return y.reshape(*x.shape[:-1], y.shape[-1])
         return ops.dense_t(x, self.kernel_t, dtype)
 
     def materialize(self):
@@ -181,7 +189,9 @@ DECODE_LAYOUT_MAX_BYTES = 2**30
 
 def decode_layout(params, batch: int):
     """`params` with every plain 2-D matmul kernel (those inside adapter nodes too) stored
-    [out, in] as `OutInKernel`s, for the decode loop on CPU; unchanged elsewhere.
+    [out, in] as `OutInKernel`s, and bf16 kernels and NF4/int8 nodes multiplied by the fused
+    CPU kernels (`ptjax.kernels.cpu`, `quant.fused`) where they run, for the decode loop on CPU;
+    unchanged elsewhere.
 
     Why: a decode step multiplies `batch` rows by every weight, and XLA's CPU dot library
     runs such few-row products faster when the weight's rows are the output features
@@ -205,10 +215,15 @@ def decode_layout(params, batch: int):
     chosen = jax.tree.map(transposable, params, matmul)
     size = sum(w.size * w.dtype.itemsize for w, c in zip(jax.tree.leaves(params),
                                                           jax.tree.leaves(chosen)) if c)
-    if size > DECODE_LAYOUT_MAX_BYTES:
-        return params
-    return jax.tree.map(lambda w, c: OutInKernel(ops.real_transpose(w)) if c else w,
-                        params, chosen)
+    def laid_out(w):
+        # The fused kernel reads bf16 rows of a multiple of 32 values; others keep XLA's dot.
+        return OutInKernel(ops.real_transpose(w),
+                           fused=w.dtype == jnp.bfloat16 and w.shape[0] % 32 == 0
+                           and kernels_cpu.available())
+
+    if size <= DECODE_LAYOUT_MAX_BYTES:
+        params = jax.tree.map(lambda w, c: laid_out(w) if c else w, params, chosen)
+    return fused.for_decode(params)
 
 
 def generate(params, cfg: ModelConfig, prompt_tokens, prompt_mask, rng, *, max_new_tokens: int,
