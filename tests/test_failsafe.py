@@ -14,7 +14,6 @@ import math
 import os
 import resource
 import signal
-import struct
 import subprocess
 import sys
 import time
@@ -26,6 +25,7 @@ import optax
 import orbax.checkpoint as ocp
 import pytest
 
+import event_files
 from ptjax import checkpoint, sharding
 from ptjax import data as D
 from ptjax import tree as ptree
@@ -45,23 +45,6 @@ def strict_json(line: str):
     def refuse(token):
         raise ValueError(f"not JSON: {token}")
     return json.loads(line, parse_constant=refuse)
-
-
-def tensorboard_scalars(workdir):
-    """(tag, step, value) of every scalar in a run's TensorBoard event files."""
-    from tensorboardX.proto import event_pb2
-
-    out = []
-    folder = os.path.join(workdir, "tensorboard")
-    for name in os.listdir(folder):
-        data = open(os.path.join(folder, name), "rb").read()
-        at = 0
-        while at < len(data):
-            (length,) = struct.unpack("<Q", data[at:at + 8])
-            event = event_pb2.Event.FromString(data[at + 12:at + 12 + length])
-            out += [(v.tag, event.step, v.simple_value) for v in event.summary.value]
-            at += 12 + length + 4
-    return out
 
 
 # ---------------------------------------------------------------- the non-finite guard, unit
@@ -163,7 +146,7 @@ def test_metrics_jsonl_is_strict_json_and_tensorboard_gets_only_finite_values(tm
     assert rows[1] == {"step": 2, "train/loss": None, "train/grad_norm": None, "train/lr": 1e-3,
                        "nonfinite": ["train/loss", "train/grad_norm"]}
     assert "nonfinite" not in rows[0]
-    scalars = tensorboard_scalars(str(tmp_path))
+    scalars = event_files.scalars(str(tmp_path))
     assert all(math.isfinite(v) for _, _, v in scalars)
     assert ("train/lr", 2) in {(t, s) for t, s, _ in scalars}
     assert ("train/loss", 2) not in {(t, s) for t, s, _ in scalars}

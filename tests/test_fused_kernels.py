@@ -11,10 +11,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from random_params import spread_params
 from ptjax import nodes, quant, sampling
 from ptjax.bench import cast_floats
 from ptjax.kernels import cpu
-from ptjax.models import llama
 from ptjax.models.config import ModelConfig
 from ptjax.quant import fused, intq, nf4
 from ptjax.train.config import base_config
@@ -93,10 +93,7 @@ def test_only_formats_the_kernels_compute_exactly_are_fused():
 
 
 def _quantized_model(cfg):
-    rng = np.random.default_rng(3)
-    shapes = jax.eval_shape(lambda key: llama.init_params(cfg, key), jax.random.key(0))
-    params = jax.tree.map(lambda s: jnp.asarray(rng.normal(0, 0.12, s.shape) if len(s.shape) == 2
-                                                else np.ones(s.shape), jnp.float32), shapes)
+    params = spread_params(cfg, seed=3)
     c = base_config().quant
     c.method, c.targets = "int8", r"layers_0/(attn/(q|k|v|o)|mlp/(gate|up|down))/kernel$"
     params = quant.apply(params, c)
@@ -119,9 +116,11 @@ def test_bf16_decode_through_the_kernels_equals_xla_dequantize_then_dot(monkeypa
     tokens = jnp.asarray(np.random.default_rng(4).integers(3, 96, (4, 6)), jnp.int32)
 
     def greedy():
-        jax.clear_caches()  # the memoized sampler retraces, choosing its path again
-        fn = sampling.make_generate_fn(cfg, 8, eos_id=-1)
-        out = fn(params, tokens, jnp.ones(tokens.shape, bool), jax.random.key(0))
+        # a jit of its own each time (the memoized sampler would reuse the first trace), so the
+        # path is chosen again when it is traced
+        fn = jax.jit(lambda p, t, m: sampling.generate(p, cfg, t, m, jax.random.key(0),
+                                                       max_new_tokens=8, eos_id=-1))
+        out = fn(params, tokens, jnp.ones(tokens.shape, bool))
         return np.asarray(out["tokens"]), np.asarray(out["logprobs"])
 
     got, got_lp = greedy()

@@ -17,6 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from random_params import spread_params
 from ptjax import sampling
 from ptjax.data import ByteTokenizer
 from ptjax.guidance import cfg as guided
@@ -30,16 +31,7 @@ ROWS, PROMPT_LEN, N_NEW = 8, 16, 12
 ALLOWED = np.arange(CFG.vocab_size) >= TOK.OFFSET  # no PAD/BOS/EOS inside a prompt
 
 
-def _params(seed=0, std=0.12):
-    """Random tiny params drawn with numpy, six times the init's std so logits spread out
-    (as tests/test_sampling.py does); norm scales stay ones."""
-    rng = np.random.default_rng(seed)
-    shapes = jax.eval_shape(lambda key: llama.init_params(CFG, key), jax.random.key(0))
-    return jax.tree.map(lambda s: jnp.asarray(rng.normal(0, std, s.shape) if len(s.shape) == 2
-                                              else np.ones(s.shape), jnp.float32), shapes)
-
-
-PARAMS = _params()
+PARAMS = spread_params(CFG)
 _forward = jax.jit(llama.forward, static_argnums=1)
 WIDTH = 40  # every reference forward is [ROWS, WIDTH]: one compile for the file
 

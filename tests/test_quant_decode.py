@@ -10,23 +10,14 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from random_params import spread_params
 from ptjax import nodes, ops, quant, sampling
-from ptjax.models import llama
 from ptjax.models.config import ModelConfig, preset
 from ptjax.quant import intq, nf4
 from ptjax.train.config import base_config
 
 CFG = preset("tiny")
 N_NEW = 6
-
-
-def _params(cfg, seed=0, std=0.12):
-    """Random float32 params drawn with numpy; a std six times the init's spreads the logits
-    out, so greedy argmaxes are decided by clear margins rather than float noise."""
-    rng = np.random.default_rng(seed)
-    shapes = jax.eval_shape(lambda key: llama.init_params(cfg, key), jax.random.key(0))
-    return jax.tree.map(lambda s: jnp.asarray(rng.normal(0, std, s.shape) if len(s.shape) == 2
-                                              else np.ones(s.shape), jnp.float32), shapes)
 
 
 def _mixed(params):
@@ -46,7 +37,7 @@ def _greedy(params, cfg, tokens):
 
 
 def test_greedy_decode_over_int8_and_nf4_nodes_equals_the_materialized_model():
-    q = _mixed(_params(CFG))
+    q = _mixed(spread_params(CFG))
     assert nodes.nodes_of(q, intq.Quantized) and nodes.nodes_of(q, nf4.NF4)
     tokens = jnp.asarray(np.random.default_rng(1).integers(3, CFG.vocab_size, (3, 5)), jnp.int32)
     got, got_lp = _greedy(q, CFG, tokens)
@@ -88,7 +79,7 @@ def test_decode_loop_carries_the_codes_not_dequantized_float_weights():
     depends on the XLA scheduler flags a process sets.)"""
     cfg = ModelConfig(vocab_size=64, hidden=256, mlp=768, layers=2, heads=4, kv_heads=2,
                       head_dim=64)
-    q = _mixed(_params(cfg))
+    q = _mixed(spread_params(cfg))
     sizes = {int(np.prod(n.shape)) for n in nodes.nodes_of(q)
              if isinstance(n, quant.QUANTIZED_NODES)}
     tokens = jnp.zeros((1, 4), jnp.int32)

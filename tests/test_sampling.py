@@ -6,6 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from random_params import spread_params
 from ptjax import sampling
 from ptjax.data import ByteTokenizer
 from ptjax.models import llama
@@ -16,18 +17,7 @@ CFG = preset("tiny")
 N_NEW = 8
 
 
-def _params(seed=0, std=0.12):
-    """Random tiny params in the model's layout, drawn with numpy (jitting the threefry-heavy
-    `init_params` costs ~10 s of compile on a busy CPU). The std is six times the model's init,
-    so attention is sharp and logits spread out: with 0.02, position or padding mistakes would
-    barely move the argmax. Norm scales stay ones."""
-    rng = np.random.default_rng(seed)
-    shapes = jax.eval_shape(lambda key: llama.init_params(CFG, key), jax.random.key(0))
-    return jax.tree.map(lambda s: jnp.asarray(rng.normal(0, std, s.shape) if len(s.shape) == 2
-                                              else np.ones(s.shape), jnp.float32), shapes)
-
-
-PARAMS = _params()
+PARAMS = spread_params(CFG)
 _forward = jax.jit(llama.forward, static_argnums=1)
 WIDTH, ROWS = 48, 8  # every reference forward is [ROWS, WIDTH]: one compile for the whole file
 

@@ -10,7 +10,6 @@ import itertools
 import json
 import math
 import os
-import struct
 import types
 
 import jax
@@ -19,6 +18,7 @@ import numpy as np
 
 import optax
 
+import event_files
 from ptjax import data as D
 from ptjax import sharding
 from ptjax import tree as ptree
@@ -87,23 +87,6 @@ def test_evaluate_edge_cases_one_token_none_and_overflow():
     assert got["eval/perplexity"] == math.exp(50.0)
 
 
-def _tensorboard_tags(workdir):
-    """Scalar tags in the run's TensorBoard event files (TFRecord framing, Event protos)."""
-    from tensorboardX.proto import event_pb2
-
-    tags = set()
-    folder = os.path.join(workdir, "tensorboard")
-    for name in os.listdir(folder):
-        data = open(os.path.join(folder, name), "rb").read()
-        at = 0
-        while at < len(data):
-            (length,) = struct.unpack("<Q", data[at:at + 8])
-            event = event_pb2.Event.FromString(data[at + 12:at + 12 + length])
-            tags |= {v.tag for v in event.summary.value}
-            at += 12 + length + 4
-    return tags
-
-
 def test_train_loop_logs_evaluates_checkpoints_on_schedule(tmp_path, monkeypatch, capfd):
     """Five steps, logging and evaluating every 2 (and at the end), checkpointing every 2. A fake
     clock that advances one second per read makes tokens/s exact: steps in the window x batch x
@@ -136,7 +119,8 @@ def test_train_loop_logs_evaluates_checkpoints_on_schedule(tmp_path, monkeypatch
     assert result.metrics["eval/loss"] == eval_rows[-1]["eval/loss"]
     assert sorted(int(s) for s in os.listdir(os.path.join(workdir, "checkpoints"))) == [2, 4, 5]
     assert os.path.getsize(os.path.join(workdir, "loss.png")) > 1000
-    assert {"train/loss", "train/grad_norm", "eval/loss", "eval/accuracy"} <= _tensorboard_tags(workdir)
+    tags = {tag for tag, _, _ in event_files.scalars(workdir)}
+    assert {"train/loss", "train/grad_norm", "eval/loss", "eval/accuracy"} <= tags
     assert json.load(open(os.path.join(workdir, "config.json")))["train"]["steps"] == 5
 
 
