@@ -266,6 +266,21 @@ def test_resume_guard_lists_each_change_and_honours_allow_changes():
     run_record.check_resume(None, current, "", "ck/40")  # a checkpoint without a record
 
 
+def test_settings_of_a_method_that_is_off_never_block_a_resume():
+    """A base written by the demo resumes under compare_compression, which sets
+    `prune.calibration_rows` while pruning stays off; the same change with pruning on, or
+    pruning turned on, is refused."""
+    saved = {"prune.method": "", "prune.calibration_rows": 16, "peft.method": "full",
+             "peft.rank": 8, "quant.method": "", "optim.lr": 1e-3}
+    run_record.check_resume(saved, dict(saved, **{"prune.calibration_rows": 64,
+                                                  "peft.rank": 16}), "", "ck/40")
+    on = dict(saved, **{"prune.method": "wanda"})
+    with pytest.raises(failures.ResumeMismatch, match="prune.calibration_rows: 16 -> 64"):
+        run_record.check_resume(on, dict(on, **{"prune.calibration_rows": 64}), "", "ck/40")
+    with pytest.raises(failures.ResumeMismatch, match="prune.method: '' -> 'wanda'"):
+        run_record.check_resume(saved, on, "", "ck/40")
+
+
 def test_run_record_is_read_back_and_older_checkpoints_have_none(tmp_path):
     mngr = checkpoint.manager(str(tmp_path), async_save=False)
     state, data = _state_and_data()

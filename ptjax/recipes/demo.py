@@ -59,8 +59,14 @@ def pretrain_base(config, workdir: str, tokenizer) -> trainer.Result:
     d, seq_len = config.demo, config.train.seq_len
     texts = D.pretraining_texts(d.pretrain_texts, config.seed, noise=d.noise)
     held_out = D.pretraining_texts(200, config.seed + 1, noise=d.noise)
-    return trainer.train(stage_config(config, d.pretrain, method="full"),
-                         config.demo.base_dir or os.path.join(workdir, "base"),
+    stage = stage_config(config, d.pretrain, method="full")
+    if d.base_dir:
+        # A base another recipe of the demo family (demo, compare_alignment,
+        # compare_compression) wrote: the same stage under another `trainer` name, which the
+        # resume guard would otherwise refuse.
+        stage.checkpoint.allow_changes = ",".join(
+            a for a in (stage.checkpoint.allow_changes, "trainer") if a)
+    return trainer.train(stage, d.base_dir or os.path.join(workdir, "base"),
                          encode([D.SFTRecord("", t) for t in texts], tokenizer, seq_len),
                          encode([D.SFTRecord("", t) for t in held_out], tokenizer, seq_len))
 

@@ -123,8 +123,23 @@ def _jsonable(v):
     return v
 
 
+# Method sections and the `method` value that turns each off.
+OFF_METHODS = {"peft": "full", "quant": "", "prune": ""}
+
+
+def _effective(record: dict) -> dict:
+    """The record without the settings of methods that are off (e.g. `prune.calibration_rows`
+    while `prune.method` is ""): they change nothing a run computes, so they never block a
+    resume. A method turned on or off still shows, as its `method` field."""
+    off = [s for s, value in OFF_METHODS.items() if record.get(f"{s}.method", value) == value]
+    return {k: v for k, v in record.items()
+            if not any(k.startswith(s + ".") and k != f"{s}.method" for s in off)}
+
+
 def changes(saved: dict, current: dict) -> dict:
-    """field -> (saved value, current value) for every field that differs (missing = None)."""
+    """field -> (saved value, current value) for every field that differs (missing = None),
+    the settings of methods that are off left out on both sides."""
+    saved, current = _effective(saved), _effective(current)
     return {k: (saved.get(k), current.get(k)) for k in sorted(set(saved) | set(current))
             if saved.get(k) != current.get(k)}
 
