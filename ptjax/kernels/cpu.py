@@ -33,7 +33,6 @@ SOURCE = Path(__file__).with_name("quant_matmul.cc")
 FLAGS = ["-O3", "-std=c++17", "-shared", "-fPIC", "-mavx512f", "-mavx512bw", "-mavx512vl",
          "-mavx512bf16"]
 CPU_FLAGS = ("avx512f", "avx512bw", "avx512vl", "avx512_bf16")
-MAX_ROWS = 64  # past this many rows XLA's own dot (after one dequantization) is the faster
 TARGETS = {"ptjax_nf4_matmul": "PtjaxNf4Matmul", "ptjax_int8_matmul": "PtjaxInt8Matmul",
            "ptjax_bf16_matmul_nt": "PtjaxBf16MatmulNt"}
 
