@@ -281,6 +281,24 @@ def test_settings_of_a_method_that_is_off_never_block_a_resume():
         run_record.check_resume(saved, on, "", "ck/40")
 
 
+def test_row_streams_are_recorded_only_when_they_change_the_batches():
+    """`data.streams` decides which examples share a batch: a changed count is refused, while
+    one stream leaves the record as it was before streams existed (older checkpoints resume)."""
+    from ptjax.models.config import preset
+    from ptjax.train.config import base_config
+
+    c = base_config()
+    describe = functools.partial(run_record.describe, model_cfg=preset("tiny"), trainable={},
+                                 tokenizer=TOK)
+    one = describe(c)
+    assert "data.streams" not in one
+    c.data.streams = 4
+    four = describe(c)
+    assert four["data.streams"] == 4
+    with pytest.raises(failures.ResumeMismatch, match="data.streams: None -> 4"):
+        run_record.check_resume(one, four, "", "ck/40")
+
+
 def test_run_record_is_read_back_and_older_checkpoints_have_none(tmp_path):
     mngr = checkpoint.manager(str(tmp_path), async_save=False)
     state, data = _state_and_data()

@@ -4,7 +4,8 @@
 (gloo collectives over 127.0.0.1); each process has 2 CPU devices, and the run shards the
 parameters and optimizer state over all 4 (FSDP), so checkpoints and the exported model need
 shards that live in the other process. The reference is one process with 4 devices and the
-same global batch.
+same global batch. The batch comes in two row streams (`data.streams=2`), so each process of the
+pair tokenizes and packs only the half of the data its devices hold.
 """
 
 from __future__ import annotations
@@ -35,12 +36,16 @@ def _free_port() -> int:
 
 
 def _command(data: str, workdir: str, *extra: str) -> list[str]:
+    evals = os.path.join(os.path.dirname(data), "eval.jsonl")
     return [sys.executable, "launch.py", "--config=configs/sft.py", f"--workdir={workdir}",
             "--config.model.preset=tiny", f"--config.data.train={data}",
+            f"--config.data.eval={evals}", f"--config.eval.every={STEPS // 2}",
             f"--config.train.steps={STEPS}", "--config.train.batch_size=8",
             "--config.train.seq_len=32", "--config.train.log_every=1",
             f"--config.checkpoint.every={EVERY}", f"--config.checkpoint.keep={STEPS}",
-            "--config.eval.every=0", "--config.mesh.data=1", "--config.mesh.fsdp=-1", *extra]
+            "--config.mesh.data=1", "--config.mesh.fsdp=-1",
+            # two row streams: each process of the pair tokenizes and packs only its own
+            "--config.data.streams=2", *extra]
 
 
 def _env(devices: int) -> dict:
@@ -88,9 +93,19 @@ def _train_rows(workdir: str) -> np.ndarray:
                      for r in rows if "train/loss" in r])
 
 
+def _eval_rows(workdir: str) -> np.ndarray:
+    """[step, eval loss] of every evaluation."""
+    with open(os.path.join(workdir, "metrics.jsonl")) as f:
+        rows = [json.loads(line) for line in f if line.strip()]
+    return np.array([[r["step"], r["eval/loss"]] for r in rows if "eval/loss" in r])
+
+
 def test_two_processes_train_like_one_and_resume_after_a_kill(tmp_path):
     data = str(tmp_path / "train.jsonl")
     D.write_jsonl(data, D.instruction_records(200, 0))
+    # 37 eval records: the two streams pack different numbers of rows, so the shorter one's
+    # process pads its eval batches to the other's count
+    D.write_jsonl(str(tmp_path / "eval.jsonl"), D.instruction_records(37, 1))
 
     single = str(tmp_path / "single")
     reference = subprocess.run(_command(data, single), cwd=ROOT, env=_env(4),
@@ -118,6 +133,9 @@ def test_two_processes_train_like_one_and_resume_after_a_kill(tmp_path):
     assert "multi: resuming at step" in log0
     resumed_at = int(log0.split("multi: resuming at step ")[1].split()[0])
     assert 2 * EVERY <= resumed_at < STEPS
+    for pid in (0, 1):  # each process tokenized only its stream's half of the 200 records
+        log = open(tmp_path / f"resumed_{pid}.log").read()
+        assert f"process {pid}: tokenized 100 of 200 training examples" in log, log[-2000:]
 
     want, got = _train_rows(single), _train_rows(multi)
     # one row per step: process 1 writes no metrics of its own, and the resume dropped the
@@ -126,6 +144,9 @@ def test_two_processes_train_like_one_and_resume_after_a_kill(tmp_path):
     # the same global batch (a duplicated one would give the same mean loss, twice the tokens)
     np.testing.assert_array_equal(got[:, 2], want[:, 2])
     np.testing.assert_allclose(got[:, 1], want[:, 1], rtol=1e-5)
+    want_eval, got_eval = _eval_rows(single), _eval_rows(multi)
+    np.testing.assert_array_equal(got_eval[:, 0], [STEPS // 2, STEPS])
+    np.testing.assert_allclose(got_eval, want_eval, rtol=1e-5)
 
     # The export gathered the FSDP shards of both processes: the same weights as one process.
     a = load_file(os.path.join(single, "merged", "model.safetensors"))

@@ -8,10 +8,12 @@ from configs.rag import get_config
 
 
 @pytest.mark.slow  # the RAG demo's wiring at toy size; the demo itself is in the README
-def test_rag_demo_runs_every_stage(tmp_path):
+@pytest.mark.parametrize("tokenizer_vocab", [0, 400])  # bytes, and a BPE learned by the demo
+def test_rag_demo_runs_every_stage(tmp_path, tokenizer_vocab):
     from ptjax.recipes import rag
 
     c = get_config()
+    c.rag.tokenizer_vocab = tokenizer_vocab
     c.model.preset = "tiny"
     c.train.update(seq_len=128, batch_size=8)
     r = c.rag
@@ -30,3 +32,7 @@ def test_rag_demo_runs_every_stage(tmp_path):
     on_disk = json.loads((tmp_path / "summary.json").read_text())
     assert on_disk["accuracy_rag_finetuned"] == summary["accuracy_rag_finetuned"]
     assert set(on_disk["example"]) == {"answer", "reply", "passages", "citations"}
+    if tokenizer_vocab:  # the learned tokenizer is kept for a rerun, which resumes with it
+        assert (tmp_path / "tokenizer" / "tokenizer.json").is_file()
+        assert rag.run(c, str(tmp_path))["accuracy_rag_finetuned"] == summary[
+            "accuracy_rag_finetuned"]

@@ -4,7 +4,7 @@ masks, packing, resumable batch iterators and the synthetic tasks of the embedde
 from ptjax.data.chat_template import render as render_chat_template
 from ptjax.data.encode import encode_chat_prompt, encode_prompt, encode_sft, encode_sft_status
 from ptjax.data.errors import DataError
-from ptjax.data.iterator import PackedBatches, eval_batches
+from ptjax.data.iterator import LazyExamples, PackedBatches, RowStream, eval_batches
 from ptjax.data.packing import pack
 from ptjax.data.records import (
     ChatRecord,
@@ -28,7 +28,7 @@ from ptjax.data.synthetic import (
     pretraining_texts,
     score,
 )
-from ptjax.data.tokenizer import ByteTokenizer, HFTokenizer, Tokenizer, load_tokenizer
+from ptjax.data.tokenizer import ByteTokenizer, HFTokenizer, Tokenizer, load_tokenizer, train_bpe
 
 __all__ = [
     "TASKS",
@@ -36,8 +36,10 @@ __all__ = [
     "ChatRecord",
     "DataError",
     "HFTokenizer",
+    "LazyExamples",
     "PackedBatches",
     "PreferenceRecord",
+    "RowStream",
     "SFTRecord",
     "Tokenizer",
     "encode_chat_prompt",
@@ -58,6 +60,7 @@ __all__ = [
     "read_preference_jsonl_lines",
     "read_prompts_jsonl",
     "read_sft_jsonl",
+    "train_bpe",
     "read_sft_jsonl_lines",
     "render_chat_template",
     "score",

@@ -18,6 +18,7 @@ Writes WORKDIR/summary.json (`recall_at_5`, `accuracy_no_retrieval`, `accuracy_w
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import time
 
@@ -97,15 +98,32 @@ def retrieval_stage(config, base, tokenizer, people, train_qs, eval_qs) -> tuple
     return retrievers, recall
 
 
+def demo_tokenizer(config, workdir: str, texts: list[str]):
+    """`data.tokenizer` (bytes by default), or with `rag.tokenizer_vocab` > 0 a byte-level BPE of
+    that size learned from the demo's own texts and kept in WORKDIR/tokenizer (a rerun reloads
+    it, so a resumed stage sees the tokenizer its checkpoint was trained with)."""
+    vocab = config.rag.tokenizer_vocab
+    if not vocab:
+        return D.load_tokenizer(config.data.tokenizer)
+    folder = os.path.join(workdir, "tokenizer")
+    if os.path.isfile(os.path.join(folder, "tokenizer_config.json")):
+        return D.load_tokenizer(folder)
+    return D.train_bpe(texts, vocab, folder)
+
+
 def run(config, workdir: str) -> dict:
     """Every stage; writes WORKDIR/summary.json and returns it."""
     started = time.time()
     r = config.rag
-    tokenizer = D.load_tokenizer(config.data.tokenizer)
     people = synthetic.entities(r.train_people + r.eval_people, config.seed)
     train_people, eval_people = people[:r.train_people], people[r.train_people:]
     train_qs = synthetic.questions(train_people, config.seed + 1, per_entity=4)
     eval_qs = synthetic.questions(eval_people, config.seed + 2)[:r.eval_questions]
+    cities = synthetic.towns(config.seed)
+    texts = synthetic.pretraining_texts(r.pretrain_texts, config.seed + 3, cities)
+    held = synthetic.pretraining_texts(200, config.seed + 4, cities)
+    tokenizer = demo_tokenizer(config, workdir, texts + [p.passage().text for p in people]
+                               + [q for q, _, _ in train_qs])
     summary_path = os.path.join(workdir, "summary.json")
     summary = trainer.read_summary(summary_path)
     seconds = summary.setdefault("stage_seconds", {})
@@ -115,22 +133,25 @@ def run(config, workdir: str) -> dict:
         trainer.write_summary(summary_path, summary)
 
     t0 = time.time()
-    cities = synthetic.towns(config.seed)
-    texts = synthetic.pretraining_texts(r.pretrain_texts, config.seed + 3, cities)
-    held = synthetic.pretraining_texts(200, config.seed + 4, cities)
     c = stage_config(config, r.pretrain, method="full")
+    model_cfg = dataclasses.replace(trainer.model_config(c), vocab_size=tokenizer.vocab_size)
     base = trainer.train(c, os.path.join(workdir, "base"),
                          encode([D.SFTRecord("", t) for t in texts], tokenizer, c.train.seq_len),
-                         encode([D.SFTRecord("", t) for t in held], tokenizer, c.train.seq_len))
+                         encode([D.SFTRecord("", t) for t in held], tokenizer, c.train.seq_len),
+                         model_cfg=model_cfg, tokenizer=tokenizer)
     timed("base", t0)
 
     t0 = time.time()
-    plain = [{"prompt": build_prompt(q, [], r.template), "completion": a} for q, a, _ in train_qs]
+    # The answer follows the template's `A:` with its own leading space, so a word-level token
+    # of the answer is the same token as in the passages (byte-level BPE words carry their space).
+    plain = [{"prompt": build_prompt(q, [], r.template), "completion": " " + a}
+             for q, a, _ in train_qs]
     split = len(plain) - 200
     c = stage_config(config, r.sft, method="full")
     sft = trainer.train(c, os.path.join(workdir, "sft"),
                         encode(plain[:split], tokenizer, c.train.seq_len),
-                        encode(plain[split:], tokenizer, c.train.seq_len), init_params=base.params)
+                        encode(plain[split:], tokenizer, c.train.seq_len), init_params=base.params,
+                        model_cfg=base.model_cfg, tokenizer=tokenizer)
     timed("sft", t0)
 
     t0 = time.time()
@@ -151,7 +172,7 @@ def run(config, workdir: str) -> dict:
     t0 = time.time()
     ft_qs = train_qs[:r.rag_sft_examples]
     _, rows = retriever.search([q for q, _, _ in ft_qs], r.k)
-    records = rag_sft_records([q for q, _, _ in ft_qs], [a for _, a, _ in ft_qs],
+    records = rag_sft_records([q for q, _, _ in ft_qs], [" " + a for _, a, _ in ft_qs],
                               [g for _, _, g in ft_qs], rows, passages, r.k, seed=config.seed,
                               template=r.template, shuffle=r.shuffle_passages)
     split = len(records) - 200
@@ -159,7 +180,7 @@ def run(config, workdir: str) -> dict:
     rag_sft = trainer.train(c, os.path.join(workdir, "rag_sft"),
                             encode(records[:split], tokenizer, c.train.seq_len),
                             encode(records[split:], tokenizer, c.train.seq_len),
-                            init_params=sft.params)
+                            init_params=sft.params, model_cfg=sft.model_cfg, tokenizer=tokenizer)
     finetuned = evaluate(rag_sft.params, rag_sft.model_cfg, tokenizer, retriever, eval_qs, r.k,
                          r.template)
     timed("rag_sft", t0)

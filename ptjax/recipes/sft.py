@@ -4,19 +4,30 @@ from __future__ import annotations
 
 import os
 
+import jax
+
 from ptjax import data as D
 from ptjax.train import trainer
 
 
-def load_examples(path: str, tokenizer, seq_len: int, truncate: str = "left"):
+def load_examples(path: str, tokenizer, seq_len: int, truncate: str = "left",
+                  lazy: bool = False):
     """Read and encode an SFT JSONL file (errors name the file, line and field).
 
     Over-long examples are cut from the left or dropped (`truncate`, `data.truncate`), and the
     run says how many, naming the first few by file and line; a file left with no example fails.
+    `lazy`: every record is still read and validated (a bad line fails every process before
+    training), but each is tokenized only when its row stream first packs it
+    (`D.LazyExamples`), so a process of a multi-process run tokenizes only its share; there is
+    then no truncation report, and a dropped example stays as an empty one.
     """
     from ptjax.data import truncate as truncation
 
     truncation.check_policy(truncate)
+    if lazy:
+        records = [record for _, record in D.read_sft_jsonl_lines(path)]
+        return D.LazyExamples(len(records), lambda i: D.encode_sft_status(
+            records[i], tokenizer, seq_len, truncate)[0])
     return truncation.encode_file(
         path, D.read_sft_jsonl_lines(path),
         lambda r: D.encode_sft_status(r, tokenizer, seq_len, truncate), seq_len, truncate)
@@ -81,18 +92,26 @@ def run(config, workdir: str) -> trainer.Result:
     `data.eval`; with no `data.train`, on the demo's generated instruction data."""
     model_cfg, init_params, tokenizer, generation = load_base(config)
     seq_len = config.train.seq_len
+    # Several processes with row streams: each tokenizes only the examples of its streams.
+    lazy = config.data.streams > 1 and jax.process_count() > 1
     if config.data.train:
-        train_examples = load_examples(config.data.train, tokenizer, seq_len, config.data.truncate)
+        train_examples = load_examples(config.data.train, tokenizer, seq_len, config.data.truncate,
+                                       lazy)
     else:
         train_examples = demo_examples(tokenizer, seq_len, 20000, config.seed)
     if config.data.eval:
-        eval_examples = load_examples(config.data.eval, tokenizer, seq_len, config.data.truncate)
+        eval_examples = load_examples(config.data.eval, tokenizer, seq_len, config.data.truncate,
+                                      lazy)
     elif not config.data.train:
         eval_examples = demo_examples(tokenizer, seq_len, 500, config.seed + 1)
     else:
         eval_examples = []
     result = trainer.train(config, workdir, train_examples, eval_examples, init_params=init_params,
                            model_cfg=model_cfg, tokenizer=tokenizer)
+    if isinstance(train_examples, D.LazyExamples):
+        print(f"process {jax.process_index()}: tokenized {train_examples.encoded} of "
+              f"{len(train_examples)} training examples (data.streams={config.data.streams})",
+              flush=True)
     from ptjax.train import failures
 
     with failures.writing("export", workdir):

@@ -78,6 +78,12 @@ def base_config() -> ml_collections.ConfigDict:
     # Over-long examples: "left" cuts the prompt from the left (the completion is kept), "drop"
     # leaves them out; either way the run reports how many, naming the first by file and line.
     c.data.truncate = "left"
+    # Row streams per batch (must divide train.batch_size): example i feeds stream i % streams,
+    # and each process reads, tokenizes and packs only the streams whose rows its devices hold.
+    # The global batch depends on this number, never on the process count; 1 packs every
+    # example together (one process builds the whole batch). Multi-host: a multiple of the
+    # process count.
+    c.data.streams = 1
 
     c.train = ml_collections.ConfigDict()
     c.train.steps = 200

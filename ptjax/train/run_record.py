@@ -98,6 +98,8 @@ def describe(config, model_cfg, trainable, tokenizer=None, opt_state=None) -> di
             record[f"data.{key}"] = config.data[key]
     for key in ("train", "eval"):
         record[f"data.{key}"] = data_fingerprint(config.data[key])
+    if config.data.get("streams", 1) != 1:  # row streams decide the batches (1: not recorded,
+        record["data.streams"] = config.data.streams  # as in records written before them)
     for section in ("reward", "dpo", "ppo", "grpo"):  # the objective's own hyperparameters
         if section in config and section == config.trainer:
             record.update(_flat(f"{section}.", config[section].to_dict()))

@@ -192,17 +192,60 @@ def summarize_lm(sums) -> dict:
             "eval/accuracy": float(sums["correct"]) / tokens}
 
 
-def sft_objective(config, train_examples, eval_examples=()) -> Objective:
+def sft_objective(config, train_examples, eval_examples=(), local_streams=None) -> Objective:
     """Next-token loss on encoded `(ids, loss_mask)` examples, packed into rows (SFT and
-    pretraining), with the PEFT method's virtual-token slots inserted."""
+    pretraining), with the PEFT method's virtual-token slots inserted.
+
+    Rows come in `data.streams` row streams; this process builds only `local_streams` (default
+    all: `local_streams_of`), so with `D.LazyExamples` it encodes only their examples."""
     tc = config.train
-    train_examples = [peft.add_virtual_slots(e, config.peft) for e in train_examples]
-    eval_examples = [peft.add_virtual_slots(e, config.peft) for e in eval_examples]
+    streams = config.data.streams
+
+    def with_slots(examples):
+        if isinstance(examples, D.LazyExamples):
+            return examples.map(lambda e: peft.add_virtual_slots(e, config.peft))
+        return [peft.add_virtual_slots(e, config.peft) for e in examples]
+
+    evals = eval_batches(with_slots(eval_examples), tc.seq_len, tc.batch_size, streams,
+                         local_streams)
     return Objective(
         train_step=sft.train_step, eval_step=sft.eval_step, summarize=summarize_lm,
-        batches=PackedBatches(train_examples, tc.seq_len, tc.batch_size, seed=config.seed),
-        eval_batches=eval_batches(eval_examples, tc.seq_len, tc.batch_size)[:config.eval.max_batches],
+        batches=PackedBatches(with_slots(train_examples), tc.seq_len, tc.batch_size,
+                              seed=config.seed, streams=streams, local_streams=local_streams),
+        eval_batches=pad_to_global_count(evals)[:config.eval.max_batches],
         tokens_per_batch=tc.batch_size * tc.seq_len)
+
+
+def local_streams_of(batch_sharding, batch_size: int, streams: int) -> list[int]:
+    """The row streams (`data.streams`) with a row on this process's devices: the only ones
+    this process needs to build (all of them in a one-process run)."""
+    if streams < 1 or batch_size % streams:
+        raise ValueError(f"data.streams={streams} must be at least 1 and divide "
+                         f"train.batch_size={batch_size}")
+    per = batch_size // streams
+    rows = set()
+    for index in batch_sharding.addressable_devices_indices_map((batch_size,)).values():
+        rows.update(range(*index[0].indices(batch_size)))
+    return sorted({r // per for r in rows})
+
+
+def pad_to_global_count(batches: list) -> list:
+    """`batches` followed by all-zero batches up to the longest list any process has.
+
+    Every process must run the same number of eval steps (each is one collective program), but
+    with row streams a process knows only its own streams' lengths; zero rows have loss mask 0,
+    so the padding adds nothing to the sums."""
+    if jax.process_count() == 1:
+        return batches
+    from jax.experimental import multihost_utils
+
+    count = int(np.max(multihost_utils.process_allgather(np.int32(len(batches)))))
+    if len(batches) == count:
+        return batches
+    if not batches:
+        raise ValueError("this process has no eval rows while others do; use fewer data.streams")
+    zeros = {k: np.zeros_like(v) for k, v in batches[0].items()}
+    return batches + [dict(zeros) for _ in range(count - len(batches))]
 
 
 def evaluate(eval_fn, params, batches, batch_sharding, summarize=summarize_lm) -> dict:
@@ -274,7 +317,14 @@ def train(config, workdir: str, train_examples=None, eval_examples=(), init_para
                          f"train.grad_accum ({tc.grad_accum})")
     sharding.check_rows_split(mesh, tc.batch_size, "train.batch_size")
 
-    objective = objective or sft_objective(config, train_examples, eval_examples)
+    batch_sharding = sharding.batch_sharding(mesh, rules, ndim=1)  # rows split, the rest whole
+    if objective is not None and config.data.streams != 1:
+        raise ValueError(f"data.streams={config.data.streams}: row streams feed next-token "
+                         "training (SFT, pretraining); this trainer brings its own batches, "
+                         "so leave data.streams at 1")
+    objective = objective or sft_objective(
+        config, train_examples, eval_examples,
+        local_streams_of(batch_sharding, tc.batch_size, config.data.streams))
     calibration = None
     if config.prune.method in prune.CALIBRATED:
         if not train_examples:
@@ -289,7 +339,6 @@ def train(config, workdir: str, train_examples=None, eval_examples=(), init_para
     del init_params
     record = run_record.describe(config, cfg, state.trainable, tokenizer, state.opt_state)
 
-    batch_sharding = sharding.batch_sharding(mesh, rules, ndim=1)  # rows split, the rest whole
     with sharding.use(mesh, rules):
         step_fn = jit_train_step(objective.train_step, cfg, tx, tc.grad_accum, state_shardings,
                                  batch_sharding, mesh)

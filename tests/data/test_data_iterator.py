@@ -139,3 +139,72 @@ def test_eval_batches_cover_every_example_once():
     order = [t for b in batches for t in _first_tokens(b)]
     assert sorted(order) == [3 + i for i in range(25)]
     assert eval_batches([], SEQ_LEN, BATCH) == []
+
+
+def _example_ids(batch, rows=slice(None)):
+    """Identities (index in `_examples`) of the examples starting in the given rows."""
+    sub = {k: v[rows] for k, v in batch.items()}
+    return [t - 3 for t in _first_tokens(sub)]
+
+
+def test_row_streams_give_one_global_batch_however_the_streams_are_split():
+    """Two 'processes' building streams {0, 1} and {2, 3} of four together make exactly the
+    batches of one builder of all four; each stream holds only examples i with i % 4 == s."""
+    examples = _examples(60)
+    whole = PackedBatches(examples, SEQ_LEN, 8, seed=5, streams=4)
+    first = PackedBatches(examples, SEQ_LEN, 8, seed=5, streams=4, local_streams=[0, 1])
+    second = PackedBatches(examples, SEQ_LEN, 8, seed=5, streams=4, local_streams=[3, 2])
+    for _ in range(25):  # several epochs of every stream
+        w, a, b = next(whole), next(first), next(second)
+        for k in KEYS:
+            np.testing.assert_array_equal(a[k][:4], w[k][:4])
+            np.testing.assert_array_equal(b[k][4:], w[k][4:])
+            assert not a[k][4:].any() and not b[k][:4].any()  # another process's rows: zero
+        for s in range(4):
+            assert all(i % 4 == s for i in _example_ids(w, slice(2 * s, 2 * s + 2)))
+    # streams are shuffled independently of one another and of the one-stream order
+    one = PackedBatches(examples, SEQ_LEN, 8, seed=5)
+    assert not _equal(next(one), next(PackedBatches(examples, SEQ_LEN, 8, seed=5, streams=4)))
+
+
+def test_row_streams_resume_and_touch_only_their_examples():
+    from ptjax.data import LazyExamples
+
+    examples = _examples(60)
+    whole = PackedBatches(examples, SEQ_LEN, 6, seed=2, streams=3)
+    batches = _take(whole, 30)
+    encoded = []
+    lazy = LazyExamples(len(examples), lambda i: encoded.append(i) or examples[i])
+    resumed = PackedBatches(lazy, SEQ_LEN, 6, seed=2, streams=3, local_streams=[1])
+    resumed.restore({"step": 17})
+    for want in batches[17:]:
+        got = next(resumed)
+        for k in KEYS:
+            np.testing.assert_array_equal(got[k][2:4], want[k][2:4])
+    assert sorted(set(encoded)) == list(range(1, 60, 3))  # stream 1's examples, nothing else
+    assert lazy.encoded == 20 and resumed.state() == {"step": 30}
+
+
+def test_eval_row_streams_cover_every_example_once():
+    examples = _examples(37)
+    full = eval_batches(examples, SEQ_LEN, 4, streams=2)
+    parts = [eval_batches(examples, SEQ_LEN, 4, streams=2, local_streams=[s]) for s in (0, 1)]
+    ids = sorted(i for b in full for i in _example_ids(b))
+    assert ids == list(range(37))
+    assert len(full) == max(len(p) for p in parts)
+    for s, part in enumerate(parts):
+        for k, batch in enumerate(part):
+            rows = slice(2 * s, 2 * s + 2)
+            for key in KEYS:
+                np.testing.assert_array_equal(batch[key][rows], full[k][key][rows])
+    # the loss-bearing tokens are exactly those of the examples (nothing lost, nothing twice)
+    assert sum(int(b["loss_mask"].sum()) for b in full) == sum(
+        int(m[1:].sum()) for _, m in examples)
+
+
+def test_row_streams_refuse_a_bad_split():
+    examples = _examples(5)
+    with pytest.raises(ValueError, match="data.streams=3 must"):
+        PackedBatches(examples, SEQ_LEN, 8, seed=0, streams=3)
+    with pytest.raises(ValueError, match="stream 5 of data.streams=8"):
+        PackedBatches(examples, SEQ_LEN, 8, seed=0, streams=8)

@@ -195,3 +195,26 @@ def test_hf_offsets_recognize_special_tokens_and_are_not_trimmed():
     # The raw tokenizer's post-processor would have trimmed that space; the caller's object is
     # left as it was.
     assert raw.encode(text, add_special_tokens=False).offsets[2] == (8, 11)
+
+
+def test_train_bpe_learns_words_and_round_trips_any_text(tmp_path):
+    from ptjax.data import encode_sft, train_bpe
+
+    texts = [f"Vokari lives in Drammo and works as a weaver, number {i}." for i in range(200)]
+    tok = train_bpe(texts, 400, tmp_path / "tok")
+    again = load_tokenizer(str(tmp_path / "tok"))  # what a resumed run reads
+    for t in (tok, again):
+        assert (t.pad_id, t.bos_id, t.eos_id, t.add_bos) == (0, 1, 2, True)
+        assert t.vocab_size <= 400
+    assert again.encode("Drammo weaver") == tok.encode("Drammo weaver")
+    # frequent words became single tokens that carry their leading space
+    assert len(tok.encode(" weaver")) == 1 and len(tok.encode(" Drammo")) == 1
+    assert tok.encode("a weaver")[-1] == tok.encode(" weaver")[0]
+    # bytes never seen in training still encode, and decode gives the text back
+    for text in ("Ünïcødé ✓ 12,345\n\ttabs", "lives in Drammo."):
+        assert tok.decode(tok.encode(text)) == text
+    ids, mask = encode_sft({"prompt": "Q: where?\nA:", "completion": " Drammo"}, tok, 32)
+    assert ids[0] == 1 and ids[-1] == 2
+    assert tok.decode(ids[mask]) == " Drammo"
+    with pytest.raises(ValueError, match="vocab_size"):
+        train_bpe(texts, 200, tmp_path / "small")
