@@ -10,6 +10,13 @@ over every person's passage, and answers questions about held-out people without
 with retrieval, and after retrieval-augmented fine-tuning. WORKDIR/summary.json holds
 `recall_at_5` (of `rag.retriever`; every retriever's under `recall`), `accuracy_no_retrieval`,
 `accuracy_with_retrieval` and `accuracy_rag_finetuned`.
+
+The same questions for a real pretrained chat model afterwards (zero-shot and after a LoRA
+retrieval-augmented fine-tuning; `summary.json` key `real_model`, about 14 minutes more):
+
+    python -m ptjax.interop.fetch smollm2
+    python launch.py --config=configs/rag.py --workdir=runs/rag \
+        --config.rag.real.model=$HOME/.cache/ptjax/SmolLM2-135M-Instruct.Q4_1.gguf
 """
 
 import ml_collections
@@ -59,6 +66,22 @@ def get_config(arg=None):
     c.rag.head_batch = 256
     c.rag.head_lr = 1e-3
     c.rag.temperature = 0.05
+    # Optional, after the demo: the same questions for a real pretrained chat model (a GGUF file
+    # or Hugging Face folder, e.g. SmolLM2-135M-Instruct from `python -m ptjax.interop.fetch
+    # smollm2`), zero-shot and after a LoRA retrieval-augmented fine-tuning, BM25 passages.
+    c.rag.real = ml_collections.ConfigDict({
+        "model": "",
+        "eval_questions": 200,
+        "max_new_tokens": 16,
+        "finetune_examples": 1264,  # 1,200 to train on, 64 held out for the eval loss
+        "finetune": {
+            # 3 passages (~35 tokens each), the instruction, the question and the chat
+            # template: ~200 tokens
+            "train": {"steps": 100, "batch_size": 8, "seq_len": 256},
+            "optim": {"lr": 2e-4, "warmup_steps": 10},
+            "eval": {"every": 100},
+        },
+    })
     c.rag.pretrain = ml_collections.ConfigDict({
         "train": {"steps": 400, "seq_len": 320},  # two passages and three recaps: <= 282 bytes
         "optim": {"lr": 3e-3, "warmup_steps": 50},

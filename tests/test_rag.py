@@ -15,9 +15,11 @@ from ptjax.data import DataError
 from ptjax.models import llama
 from ptjax.models.config import preset
 from ptjax.rag import (BM25Retriever, DenseRetriever, Passage, answer_questions, apply_head,
-                       build_dense_index, build_prompt, embed_texts, info_nce, mean_pool,
-                       parse_answer, passages_with_gold, rag_sft_records, read_passages_jsonl,
+                       build_dense_index, build_prompt, embed_texts, encode_rag_prompt, info_nce,
+                       mean_pool, parse_answer, passages_with_gold, rag_sft_records,
+                       read_passages_jsonl,
                        read_questions_jsonl, recall_at_k, synthetic, train_head)
+from tiny_checkpoint import write_chat_model
 
 
 def write_lines(path, lines):
@@ -148,6 +150,31 @@ def test_rag_sft_records_put_the_gold_passage_in():
     assert set(numbers) == {1, 2, 3}  # the gold's position is shuffled, not learnable
     for r, n in zip(records, numbers):
         assert r["completion"] == f"ans [{n}]" and re.search(rf"\[{n}\] text 0\b", r["prompt"])
+
+
+def test_chat_rag_records_train_on_the_prompt_the_model_is_asked_with(tmp_path):
+    """A chat model fine-tuned on `rag_sft_records(chat=True)` sees, in front of its answer,
+    token for token the prompt `encode_rag_prompt` gives it at inference, and the loss is on
+    the cited answer (and the turn's end) only."""
+    write_chat_model(tmp_path / "chat")
+    tok = D.load_tokenizer(str(tmp_path / "chat"))
+    passages = [Passage(str(i), f"Person {i} lives in Town{i}.") for i in range(4)]
+    (record,) = rag_sft_records(["Where does Person 2 live?"], ["Town2"], [("2",)],
+                                np.array([[1, 2, 3]]), passages, 3, seed=1, chat=True)
+    roles = [m["role"] for m in record["messages"]]
+    assert roles == ["system", "user", "assistant"]
+    reply = record["messages"][2]["content"]
+    number = int(reply.split("[")[1][0])
+    assert reply == f"Town2 [{number}]"
+    shown = [p for p in passages if f"] {p.text}" in record["messages"][1]["content"]]
+    ids, mask = D.encode_sft(record, tok, 512)
+    numbered = re.findall(r"\[(\d)\] Person (\d)", record["messages"][1]["content"])
+    order = [passages[int(i)] for _, i in numbered]
+    assert len(shown) == 3 and order[number - 1].id == "2"
+    prompt = encode_rag_prompt("Where does Person 2 live?", order, tok)
+    np.testing.assert_array_equal(ids[:len(prompt)], prompt)
+    assert not mask[:len(prompt)].any() and mask[len(prompt):].all()
+    assert tok.decode(ids[len(prompt):]).startswith(reply)
 
 
 def test_bm25_finds_rare_names_and_recall():

@@ -36,3 +36,28 @@ def test_rag_demo_runs_every_stage(tmp_path, tokenizer_vocab):
         assert (tmp_path / "tokenizer" / "tokenizer.json").is_file()
         assert rag.run(c, str(tmp_path))["accuracy_rag_finetuned"] == summary[
             "accuracy_rag_finetuned"]
+
+
+@pytest.mark.slow  # loads, evaluates and LoRA-fine-tunes a tiny chat checkpoint
+def test_real_model_stage_evaluates_and_fine_tunes_a_chat_checkpoint(tmp_path):
+    from ptjax.rag import synthetic
+    from ptjax.recipes import rag
+    from tiny_checkpoint import write_chat_model
+
+    write_chat_model(tmp_path / "chat")
+    c = get_config()
+    c.model.dtype = "float32"
+    real = c.rag.real
+    real.update(model=str(tmp_path / "chat"), eval_questions=4, max_new_tokens=4,
+                finetune_examples=70)
+    real.finetune.train.update(steps=2, batch_size=8, seq_len=512)
+    real.finetune.eval.every = 2
+    people = synthetic.entities(40, 0)
+    train_qs = synthetic.questions(people[:30], 1, per_entity=4)
+    eval_qs = synthetic.questions(people[30:], 2)
+    out = rag.real_model_stage(c, str(tmp_path / "run"), people, train_qs, eval_qs)
+    assert out["eval_questions"] == 4 and out["retriever"] == "bm25"
+    for stage in ("no_retrieval", "with_retrieval", "rag_finetuned"):
+        assert 0.0 <= out[stage]["accuracy"] <= out[stage]["answer_in_reply"] <= 1.0
+        assert isinstance(out[stage]["example"], str)
+    assert (tmp_path / "run" / "real_rag_sft" / "checkpoints").is_dir()

@@ -13,7 +13,7 @@ from __future__ import annotations
 import numpy as np
 
 from ptjax.rag.corpus import Passage
-from ptjax.rag.prompt import INSTRUCTION, TEMPLATE, build_prompt, cite
+from ptjax.rag.prompt import INSTRUCTION, TEMPLATE, build_prompt, chat_turns, cite
 
 
 def passages_with_gold(rows, passages: list[Passage], gold_ids: tuple[str, ...], k: int,
@@ -39,9 +39,11 @@ def passages_with_gold(rows, passages: list[Passage], gold_ids: tuple[str, ...],
 def rag_sft_records(questions: list[str], answers: list[str], gold_ids: list[tuple[str, ...]],
                     rows: np.ndarray, passages: list[Passage], k: int, *, seed: int = 0,
                     template: str = TEMPLATE, instruction: str = INSTRUCTION,
-                    shuffle: bool = True) -> list[dict]:
+                    shuffle: bool = True, chat: bool = False) -> list[dict]:
     """`{"prompt", "completion"}` records for the SFT trainer: the numbered prompt of k passages
-    (gold included, distractors from `rows`, the retriever's results) and `answer [n]`."""
+    (gold included, distractors from `rows`, the retriever's results) and `answer [n]`; with
+    `chat`, `{"messages"}` records of the same turns `encode_rag_prompt` gives a chat model,
+    the cited answer as the assistant turn."""
     if not len(questions) == len(answers) == len(gold_ids) == len(rows):
         raise ValueError("questions, answers, gold_ids and rows must have one entry per question")
     rng = np.random.default_rng(seed)
@@ -49,6 +51,10 @@ def rag_sft_records(questions: list[str], answers: list[str], gold_ids: list[tup
     records = []
     for q, a, gold, row in zip(questions, answers, gold_ids, rows):
         chosen, number = passages_with_gold(row, passages, gold, k, rng, by_id, shuffle)
-        records.append({"prompt": build_prompt(q, chosen, template, instruction),
-                        "completion": cite(a, number)})
+        if chat:
+            turns = chat_turns(q, chosen, instruction) + [("assistant", cite(a, number))]
+            records.append({"messages": [{"role": r, "content": c} for r, c in turns]})
+        else:
+            records.append({"prompt": build_prompt(q, chosen, template, instruction),
+                            "completion": cite(a, number)})
     return records

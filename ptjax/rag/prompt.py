@@ -37,13 +37,20 @@ def build_prompt(question: str, passages: Sequence[Passage], template: str = TEM
                            question=question)
 
 
+def chat_turns(question: str, passages: Sequence[Passage],
+               instruction: str = INSTRUCTION) -> list[tuple[str, str]]:
+    """The prompt as chat turns: the instruction as the system turn, the numbered passages and
+    the question as the user turn (what chat models get, at inference and in fine-tuning)."""
+    user = f"{format_passages(passages)}\n\nQuestion: {question}"
+    return [("system", instruction), ("user", user)]
+
+
 def encode_rag_prompt(question: str, passages: Sequence[Passage], tokenizer,
                       template: str = TEMPLATE, instruction: str = INSTRUCTION) -> np.ndarray:
-    """Token ids of the prompt for generation: the chat template (instruction as the system
-    turn, passages and question as the user turn) when the tokenizer has one, else `template`."""
+    """Token ids of the prompt for generation: the chat template (`chat_turns`) when the
+    tokenizer has one, else `template`."""
     if tokenizer.chat_template is not None:
-        user = f"{format_passages(passages)}\n\nQuestion: {question}"
-        return encode_chat_prompt([("system", instruction), ("user", user)], tokenizer)
+        return encode_chat_prompt(chat_turns(question, passages, instruction), tokenizer)
     return encode_prompt(build_prompt(question, passages, template, instruction), tokenizer)
 
 

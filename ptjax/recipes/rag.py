@@ -12,8 +12,11 @@ Stages (each with its own workdir under WORKDIR; rerunning resumes the training 
 5. `rag_sft`: retrieval-augmented fine-tuning from `sft` through the ordinary SFT trainer, on
    prompts carrying k retrieved passages (gold included, distractors shuffled) with the cited
    answer as the completion; then accuracy with retrieval again.
+6. optional (`rag.real.model`): the held-out questions for a real pretrained chat model,
+   zero-shot without and with BM25 passages and after a LoRA retrieval-augmented fine-tuning
+   (`real_model_stage`).
 Writes WORKDIR/summary.json (`recall_at_5`, `accuracy_no_retrieval`, `accuracy_with_retrieval`,
-`accuracy_rag_finetuned`, per-retriever recall, stage seconds).
+`accuracy_rag_finetuned`, per-retriever recall, stage seconds, `real_model`).
 """
 
 from __future__ import annotations
@@ -28,7 +31,7 @@ from ptjax import data as D
 from ptjax import sampling
 from ptjax.rag import encoder, pipeline, synthetic
 from ptjax.rag.finetune import rag_sft_records
-from ptjax.rag.prompt import build_prompt, parse_answer
+from ptjax.rag.prompt import build_prompt, encode_rag_prompt, parse_answer
 from ptjax.recipes.demo import stage_config
 from ptjax.train import trainer
 
@@ -96,6 +99,58 @@ def retrieval_stage(config, base, tokenizer, people, train_qs, eval_qs) -> tuple
                         for k in RECALL_KS}
     recall["dense"]["head_loss_first_last"] = [losses[0], losses[-1]]
     return retrievers, recall
+
+
+def real_model_stage(config, workdir: str, people, train_qs, eval_qs) -> dict:
+    """The same held-out questions for a real pretrained chat model (`rag.real.model`, a GGUF
+    file or Hugging Face folder): without passages, with BM25's k passages in its own chat
+    template, and after a retrieval-augmented LoRA fine-tuning on the training people's
+    questions (`rag.real.finetune`). Exact match after the citation is stripped, and how often
+    the reply contains the answer as a word (a zero-shot model answers in sentences)."""
+    import jax
+
+    from ptjax.interop import load
+
+    r, real = config.rag, config.rag.real
+    pretrained = load.load(real.model, dtype=config.model.dtype)
+    params = jax.tree.map(jax.numpy.asarray, pretrained.params)
+    cfg, tok = pretrained.config, pretrained.tokenizer
+    passages = [p.passage() for p in people]
+    retriever = pipeline.BM25Retriever(passages)
+    qs = eval_qs[:real.eval_questions]
+    answers = [a for _, a, _ in qs]
+
+    def scores(replies: list[str]) -> dict:
+        stripped = [parse_answer(x, [])[0] for x in replies]
+        words = [x.lower().replace(".", " ").replace(",", " ").split() for x in replies]
+        return {"accuracy": exact_match(answers, stripped),
+                "answer_in_reply": float(np.mean([a.lower() in w
+                                                  for a, w in zip(answers, words)])),
+                "example": replies[0]}
+
+    def with_passages(p):
+        results = pipeline.answer_questions(p, cfg, tok, retriever, [q for q, _, _ in qs], r.k,
+                                            max_new_tokens=real.max_new_tokens)
+        return scores([x["reply"] for x in results])
+
+    bare = [encode_rag_prompt(q, [], tok) for q, _, _ in qs]
+    out = {"model": real.model, "retriever": "bm25", "eval_questions": len(qs),
+           "no_retrieval": scores(sampling.generate_from_ids(
+               params, cfg, tok, bare, max_new_tokens=real.max_new_tokens)),
+           "with_retrieval": with_passages(params)}
+    ft_qs = train_qs[:real.finetune_examples]
+    _, rows = retriever.search([q for q, _, _ in ft_qs], r.k)
+    records = rag_sft_records([q for q, _, _ in ft_qs], [a for _, a, _ in ft_qs],
+                              [g for _, _, g in ft_qs], rows, passages, r.k, seed=config.seed,
+                              chat=True)
+    c = stage_config(config, real.finetune, method="lora")
+    split = len(records) - 64
+    tuned = trainer.train(c, os.path.join(workdir, "real_rag_sft"),
+                          encode(records[:split], tok, c.train.seq_len),
+                          encode(records[split:], tok, c.train.seq_len), init_params=params,
+                          model_cfg=cfg, tokenizer=tok)
+    out["rag_finetuned"] = with_passages(tuned.params)
+    return out
 
 
 def demo_tokenizer(config, workdir: str, texts: list[str]):
@@ -199,6 +254,12 @@ def run(config, workdir: str) -> dict:
         "example": finetuned["example"],
         "seconds": round(time.time() - started, 1),
     })
+    if r.real.model:
+        t0 = time.time()
+        summary["real_model"] = real_model_stage(config, workdir, people, train_qs, eval_qs)
+        timed("real_model", t0)
     trainer.write_summary(summary_path, summary)
-    print({k: v for k, v in summary.items() if k not in ("example", "recall")})
+    print({k: v for k, v in summary.items() if k not in ("example", "recall", "real_model")})
+    if r.real.model:
+        print("real model:", summary["real_model"])
     return summary
