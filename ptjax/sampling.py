@@ -396,7 +396,7 @@ def left_pad(sequences: Sequence[np.ndarray], length: int, pad_id: int):
     return tokens, mask
 
 
-def _text_of(tokens: np.ndarray, stop_ids: tuple[int, ...], tokenizer) -> str:
+def text_of(tokens: np.ndarray, stop_ids: tuple[int, ...], tokenizer) -> str:
     """Decoded text of one generated row, cut before its first stop id."""
     ids = tokens.tolist()
     stops = [i for i, t in enumerate(ids) if t in stop_ids]
@@ -440,5 +440,5 @@ def generate_from_ids(params, cfg: ModelConfig, tokenizer, encoded: list[np.ndar
         tokens, mask = left_pad(rows, length, tokenizer.pad_id)
         result = fn(params, tokens, mask, jax.random.fold_in(key, start // batch_size))
         generated = np.asarray(result["tokens"])
-        outputs += [_text_of(generated[i], stop_ids, tokenizer) for i in range(len(batch))]
+        outputs += [text_of(generated[i], stop_ids, tokenizer) for i in range(len(batch))]
     return outputs

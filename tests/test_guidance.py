@@ -190,7 +190,7 @@ def test_regex_constrained_samples_all_match_and_unconstrained_do_not():
     assert all(re.fullmatch(REGEX, t) for t in texts), texts
     assert len(set(texts)) > 1  # sampled, not one forced string
     free = _run_plain(1.0, jax.random.key(0))["tokens"]
-    free_texts = [sampling._text_of(row, (TOK.eos_id,), TOK) for row in free]
+    free_texts = [sampling.text_of(row, (TOK.eos_id,), TOK) for row in free]
     assert not any(re.fullmatch(REGEX, t) for t in free_texts)
 
 

@@ -59,7 +59,7 @@ class PreferenceRecord:
         return ChatRecord(messages=turns(self.prompt, "user") + turns(response, "assistant"))
 
 
-def _type_name(value: Any) -> str:
+def type_name(value: Any) -> str:
     """The JSON name of a value's type, as a user who wrote the file would call it."""
     if value is None:
         return "null"
@@ -68,8 +68,9 @@ def _type_name(value: Any) -> str:
     return type(value).__name__
 
 
-def _json_objects(path: str | os.PathLike) -> Iterator[tuple[int, dict]]:
-    """`(line_number, object)` for each non-blank line of a JSONL file, 1-based.
+def json_objects(path: str | os.PathLike) -> Iterator[tuple[int, dict]]:
+    """`(line_number, object)` for each non-blank line of a JSONL file, 1-based. Every JSONL
+    reader (SFT, preference pairs, the RAG corpus) goes through it, so all report alike.
 
     Lines are decoded one at a time so that bad UTF-8 and bad JSON are both reported at their line.
     """
@@ -94,7 +95,7 @@ def _json_objects(path: str | os.PathLike) -> Iterator[tuple[int, dict]]:
                 problem = f"invalid JSON ({e.msg} at column {e.colno})"
                 raise DataError(path, problem, line_number) from None
             if not isinstance(obj, dict):
-                problem = f"expected a JSON object, got {_type_name(obj)}"
+                problem = f"expected a JSON object, got {type_name(obj)}"
                 raise DataError(path, problem, line_number)
             count += 1
             yield line_number, obj
@@ -102,13 +103,13 @@ def _json_objects(path: str | os.PathLike) -> Iterator[tuple[int, dict]]:
         raise DataError(path, "file is empty (no records)")
 
 
-def _string_field(obj: dict, key: str, field: str, path, line: int | None) -> str:
+def string_field(obj: dict, key: str, field: str, path, line: int | None) -> str:
     """`obj[key]`, required to be a string; `field` is the name used in error messages."""
     if key not in obj:
         raise DataError(path, f"missing field '{field}'", line)
     value = obj[key]
     if not isinstance(value, str):
-        raise DataError(path, f"field '{field}': expected a string, got {_type_name(value)}", line)
+        raise DataError(path, f"field '{field}': expected a string, got {type_name(value)}", line)
     return value
 
 
@@ -118,14 +119,14 @@ def _turns(messages: list, key: str, path, line: int | None) -> tuple[tuple[str,
     for i, message in enumerate(messages):
         field = f"{key}[{i}]"
         if not isinstance(message, dict):
-            problem = f"field '{field}': expected a JSON object, got {_type_name(message)}"
+            problem = f"field '{field}': expected a JSON object, got {type_name(message)}"
             raise DataError(path, problem, line)
-        role = _string_field(message, "role", f"{field}.role", path, line)
+        role = string_field(message, "role", f"{field}.role", path, line)
         if role not in CHAT_ROLES:
             allowed = ", ".join(CHAT_ROLES)
             problem = f"field '{field}.role': unknown role {role!r} (allowed: {allowed})"
             raise DataError(path, problem, line)
-        content = _string_field(message, "content", f"{field}.content", path, line)
+        content = string_field(message, "content", f"{field}.content", path, line)
         pairs.append((role, content))
     return tuple(pairs)
 
@@ -133,7 +134,7 @@ def _turns(messages: list, key: str, path, line: int | None) -> tuple[tuple[str,
 def _chat_record(messages: Any, path, line: int | None) -> ChatRecord:
     """A validated `ChatRecord` from the JSON value of a `messages` field."""
     if not isinstance(messages, list):
-        problem = f"field 'messages': expected a list, got {_type_name(messages)}"
+        problem = f"field 'messages': expected a list, got {type_name(messages)}"
         raise DataError(path, problem, line)
     pairs = _turns(messages, "messages", path, line)
     if not any(role == "assistant" for role, _ in pairs):
@@ -148,14 +149,14 @@ def parse_sft_record(obj: Any, path: str | os.PathLike = "<record>", line: int |
     so both get the same checks; `path`/`line` only label error messages.
     """
     if not isinstance(obj, dict):
-        raise DataError(path, f"expected a JSON object, got {_type_name(obj)}", line)
+        raise DataError(path, f"expected a JSON object, got {type_name(obj)}", line)
     if "messages" in obj:
         return _chat_record(obj["messages"], path, line)
     if "prompt" not in obj and "completion" not in obj:
         problem = "missing field 'prompt' (a record needs 'prompt' and 'completion', or 'messages')"
         raise DataError(path, problem, line)
-    prompt = _string_field(obj, "prompt", "prompt", path, line)
-    completion = _string_field(obj, "completion", "completion", path, line)
+    prompt = string_field(obj, "prompt", "prompt", path, line)
+    completion = string_field(obj, "completion", "completion", path, line)
     return SFTRecord(prompt=prompt, completion=completion)
 
 
@@ -165,13 +166,13 @@ def read_sft_jsonl(path: str | os.PathLike) -> list[SFTRecord | ChatRecord]:
     Validates everything up front, so a bad record fails the run before training, not hours in.
     Extra fields are ignored, so files carrying ids or metadata load unchanged.
     """
-    return [parse_sft_record(obj, path, line) for line, obj in _json_objects(path)]
+    return [parse_sft_record(obj, path, line) for line, obj in json_objects(path)]
 
 
 def read_sft_jsonl_lines(path: str | os.PathLike) -> list[tuple[int, SFTRecord | ChatRecord]]:
     """`(line number, record)` for every record of an SFT JSONL file, so that later stages
     (truncation reports) can name the line an example came from."""
-    return [(line, parse_sft_record(obj, path, line)) for line, obj in _json_objects(path)]
+    return [(line, parse_sft_record(obj, path, line)) for line, obj in json_objects(path)]
 
 
 def _turns_or_text(obj: dict, key: str, path, line: int | None, assistant: bool):
@@ -182,7 +183,7 @@ def _turns_or_text(obj: dict, key: str, path, line: int | None, assistant: bool)
     if isinstance(value, str):
         return value
     if not isinstance(value, list):
-        problem = f"field '{key}': expected a string or a list of messages, got {_type_name(value)}"
+        problem = f"field '{key}': expected a string or a list of messages, got {type_name(value)}"
         raise DataError(path, problem, line)
     turns = _turns(value, key, path, line)
     if not turns:
@@ -209,13 +210,13 @@ def read_preference_jsonl_lines(path: str | os.PathLike) -> list[tuple[int, Pref
                 prompt=_turns_or_text(obj, "prompt", path, line, assistant=False),
                 chosen=_turns_or_text(obj, "chosen", path, line, assistant=True),
                 rejected=_turns_or_text(obj, "rejected", path, line, assistant=True)))
-            for line, obj in _json_objects(path)]
+            for line, obj in json_objects(path)]
 
 
 def read_prompts_jsonl(path: str | os.PathLike) -> list[str]:
     """The `prompt` string of every record of a JSONL file (RL prompts: PPO, GRPO), validated
     up front like the other readers."""
-    return [_string_field(obj, "prompt", "prompt", path, line) for line, obj in _json_objects(path)]
+    return [string_field(obj, "prompt", "prompt", path, line) for line, obj in json_objects(path)]
 
 
 def write_jsonl(path: str | os.PathLike, records: list[dict]) -> None:

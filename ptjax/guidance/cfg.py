@@ -88,4 +88,4 @@ def generate_text(params, cfg, tokenizer, prompts: list[str], *, scale: float,
     fn = make_generate_fn(cfg, int(max_new_tokens), float(temperature), int(top_k),
                           float(top_p), stop_ids, int(tokenizer.pad_id))
     out = np.asarray(fn(params, tokens, mask, jax.random.key(seed), jnp.float32(scale))["tokens"])
-    return [sampling._text_of(row, stop_ids, tokenizer) for row in out]
+    return [sampling.text_of(row, stop_ids, tokenizer) for row in out]

@@ -207,5 +207,5 @@ def generate_text(params, cfg, tokenizer, prompts: list[str], *, regex: str = ""
                           float(top_p), stop_ids, int(tokenizer.pad_id))
     out = fn(params, tokens, mask, jax.random.key(seed))
     generated, done = np.asarray(out["tokens"]), np.asarray(out["done"])
-    texts = [sampling._text_of(row, stop_ids, tokenizer) for row in generated]
+    texts = [sampling.text_of(row, stop_ids, tokenizer) for row in generated]
     return texts, [bool(done[i]) and constraint.accepts(i) for i in range(len(prompts))]

@@ -11,7 +11,7 @@ import dataclasses
 import os
 
 from ptjax.data.errors import DataError
-from ptjax.data.records import _json_objects, _string_field, _type_name, write_jsonl
+from ptjax.data.records import json_objects, string_field, type_name, write_jsonl
 
 
 @dataclasses.dataclass(frozen=True)
@@ -46,7 +46,7 @@ def _id_field(obj: dict, key: str, field: str, path, line) -> str:
     value = obj[key]
     if isinstance(value, bool) or not isinstance(value, (str, int)):
         raise DataError(path, f"field '{field}': expected a string or integer id, got "
-                        f"{_type_name(value)}", line)
+                        f"{type_name(value)}", line)
     return str(value)
 
 
@@ -54,26 +54,26 @@ def read_passages_jsonl(path: str | os.PathLike) -> list[Passage]:
     """Every passage of a JSONL file, validated up front; duplicate ids are an error (an index
     maps each id to one row, and a repeated id would make recall ambiguous)."""
     passages, seen = [], {}
-    for line, obj in _json_objects(path):
+    for line, obj in json_objects(path):
         pid = _id_field(obj, "id", "id", path, line)
         if pid in seen:
             raise DataError(path, f"field 'id': duplicate id {pid!r} (first on line {seen[pid]})",
                             line)
         seen[pid] = line
-        title = _string_field(obj, "title", "title", path, line) if "title" in obj else ""
-        passages.append(Passage(pid, _string_field(obj, "text", "text", path, line), title))
+        title = string_field(obj, "title", "title", path, line) if "title" in obj else ""
+        passages.append(Passage(pid, string_field(obj, "text", "text", path, line), title))
     return passages
 
 
 def read_questions_jsonl(path: str | os.PathLike) -> list[Question]:
     """Every question of a JSONL file: `question` (required), `answer` and `gold_ids` (optional)."""
     questions = []
-    for line, obj in _json_objects(path):
-        text = _string_field(obj, "question", "question", path, line)
-        answer = _string_field(obj, "answer", "answer", path, line) if "answer" in obj else ""
+    for line, obj in json_objects(path):
+        text = string_field(obj, "question", "question", path, line)
+        answer = string_field(obj, "answer", "answer", path, line) if "answer" in obj else ""
         gold = obj.get("gold_ids", [])
         if not isinstance(gold, list):
-            raise DataError(path, f"field 'gold_ids': expected a list, got {_type_name(gold)}",
+            raise DataError(path, f"field 'gold_ids': expected a list, got {type_name(gold)}",
                             line)
         ids = tuple(_id_field({"g": g}, "g", f"gold_ids[{i}]", path, line)
                     for i, g in enumerate(gold))
