@@ -12,7 +12,7 @@ with retrieval, and after retrieval-augmented fine-tuning. WORKDIR/summary.json 
 `accuracy_with_retrieval` and `accuracy_rag_finetuned`.
 
 The same questions for a real pretrained chat model afterwards (zero-shot and after a LoRA
-retrieval-augmented fine-tuning; `summary.json` key `real_model`, about 14 minutes more):
+retrieval-augmented fine-tuning; `summary.json` key `real_model`, about 9 minutes more):
 
     python -m ptjax.interop.fetch smollm2
     python launch.py --config=configs/rag.py --workdir=runs/rag \
@@ -77,9 +77,11 @@ def get_config(arg=None):
         "finetune": {
             # 3 passages (~35 tokens each), the instruction, the question and the chat
             # template: ~200 tokens
-            "train": {"steps": 100, "batch_size": 8, "seq_len": 256},
+            # SmolLM2-135M-Instruct: 0.98 exact match after 50 steps (8.6 min for the stage),
+            # 1.00 after 100 (14.3 min)
+            "train": {"steps": 50, "batch_size": 8, "seq_len": 256},
             "optim": {"lr": 2e-4, "warmup_steps": 10},
-            "eval": {"every": 100},
+            "eval": {"every": 50},
         },
     })
     c.rag.pretrain = ml_collections.ConfigDict({
