@@ -4,7 +4,8 @@ masks, packing, resumable batch iterators and the synthetic tasks of the embedde
 from ptjax.data.chat_template import render as render_chat_template
 from ptjax.data.encode import encode_chat_prompt, encode_prompt, encode_sft, encode_sft_status
 from ptjax.data.errors import DataError
-from ptjax.data.iterator import LazyExamples, PackedBatches, RowStream, eval_batches
+from ptjax.data.iterator import (LazyExamples, PackedBatches, RowStream, eval_batches,
+                                 stream_layout)
 from ptjax.data.packing import pack
 from ptjax.data.records import (
     ChatRecord,
@@ -60,9 +61,10 @@ __all__ = [
     "read_preference_jsonl_lines",
     "read_prompts_jsonl",
     "read_sft_jsonl",
-    "train_bpe",
     "read_sft_jsonl_lines",
     "render_chat_template",
     "score",
+    "stream_layout",
+    "train_bpe",
     "write_jsonl",
 ]

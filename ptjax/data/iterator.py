@@ -41,7 +41,6 @@ class RowStream:
         self.rows = rows
         self.key = tuple(key)
         self.shuffle = shuffle
-        self._step = 0
         self._batch_counts: dict[int, int] = {}
         self._last_packed: tuple[int, dict[str, np.ndarray]] | None = None
         self._load_epoch(0)
@@ -90,7 +89,6 @@ class RowStream:
         """The next `rows` rows."""
         chunk = _batch(self._rows, self._index * self.rows, self.rows)
         self._index += 1
-        self._step += 1
         if self._index == self.batches_in(self._epoch):
             self._load_epoch(self._epoch + 1)
             self._index = 0
@@ -109,7 +107,21 @@ class RowStream:
         if epoch != self._epoch:
             self._load_epoch(epoch)
         self._index = remaining
-        self._step = step
+
+
+def stream_layout(batch_size: int, streams: int, local_streams=None) -> tuple[int, list[int]]:
+    """(rows each row stream gives a batch, the local streams in order), checked: `streams`
+    must divide `batch_size`, and the local streams (default: all) be among them. One check
+    for training batches, eval batches and the trainer's choice of a process's streams."""
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+    if streams < 1 or batch_size % streams:
+        raise ValueError(f"data.streams={streams} must be at least 1 and divide the batch "
+                         f"size {batch_size}")
+    local = list(range(streams)) if local_streams is None else sorted(set(local_streams))
+    if not local or not all(0 <= s < streams for s in local):
+        raise ValueError(f"local_streams {local} must be among 0..{streams - 1}")
+    return batch_size // streams, local
 
 
 class PackedBatches:
@@ -136,19 +148,11 @@ class PackedBatches:
         streams: int = 1,
         local_streams=None,
     ):
-        if batch_size < 1:
-            raise ValueError(f"batch_size must be at least 1, got {batch_size}")
-        if streams < 1 or batch_size % streams:
-            raise ValueError(f"data.streams={streams} must be at least 1 and divide the batch "
-                             f"size {batch_size}")
-        local = range(streams) if local_streams is None else sorted(set(local_streams))
-        if not local or not all(0 <= s < streams for s in local):
-            raise ValueError(f"local_streams {list(local)} must be among 0..{streams - 1}")
+        self.rows_per_stream, local = stream_layout(batch_size, streams, local_streams)
         self.seq_len = seq_len
         self.batch_size = batch_size
         self.seed = seed
         self.streams = streams
-        self.rows_per_stream = batch_size // streams
         self._step = 0
         self._streams = {}
         for s in local:
@@ -265,18 +269,9 @@ def eval_batches(examples, seq_len: int, batch_size: int, streams: int = 1,
     is as long as the longest local stream needs (a multi-process caller pads every process's
     list to the longest: `trainer.pad_to_global_count`).
     """
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be at least 1, got {batch_size}")
-    if streams == 1:
-        rows = pack(list(examples), seq_len)
-        count = len(rows["inputs"])
-        return [_batch(rows, start, batch_size) for start in range(0, count, batch_size)]
-    if batch_size % streams:
-        raise ValueError(f"data.streams={streams} must divide the batch size {batch_size}")
-    per = batch_size // streams
-    local = range(streams) if local_streams is None else sorted(set(local_streams))
+    per, local = stream_layout(batch_size, streams, local_streams)
     packed = {s: pack([examples[i] for i in range(s, len(examples), streams)], seq_len)
               for s in local}
-    count = max([-(-len(rows["inputs"]) // per) for rows in packed.values()] + [0])
+    count = max(-(-len(rows["inputs"]) // per) for rows in packed.values())
     return [_side_by_side({s: _batch(rows, k * per, per) for s, rows in packed.items()},
                           streams, per) for k in range(count)]

@@ -239,7 +239,6 @@ class HFTokenizer:
         return self.tokenizer.decode([int(i) for i in ids], skip_special_tokens=True)
 
 
-
 BPE_SPECIAL_TOKENS = ("<pad>", "<s>", "</s>")  # ids 0, 1, 2, as in ByteTokenizer
 
 
@@ -277,6 +276,7 @@ def train_bpe(texts: Iterable[str], vocab_size: int, folder: str | os.PathLike) 
             f.write(text)
         os.replace(path + ".tmp", path)
     return HFTokenizer.from_folder(folder)
+
 
 # Token strings that conventionally play each role, most specific first. A tokenizer config beside
 # tokenizer.json, when present, takes precedence over these guesses.

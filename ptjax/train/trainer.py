@@ -219,10 +219,7 @@ def sft_objective(config, train_examples, eval_examples=(), local_streams=None) 
 def local_streams_of(batch_sharding, batch_size: int, streams: int) -> list[int]:
     """The row streams (`data.streams`) with a row on this process's devices: the only ones
     this process needs to build (all of them in a one-process run)."""
-    if streams < 1 or batch_size % streams:
-        raise ValueError(f"data.streams={streams} must be at least 1 and divide "
-                         f"train.batch_size={batch_size}")
-    per = batch_size // streams
+    per, _ = D.stream_layout(batch_size, streams)
     rows = set()
     for index in batch_sharding.addressable_devices_indices_map((batch_size,)).values():
         rows.update(range(*index[0].indices(batch_size)))
