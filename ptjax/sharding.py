@@ -86,17 +86,27 @@ def param_logical_axes(path: str, ndim: int):
 def param_shardings(params, mesh: Mesh, rules):
     """NamedSharding for every leaf. A weight node's parts take their axes from the array it
     wraps (each node type says how, in `part_axes`), so LoRA factors, quantization scales and
-    their optimizer moments follow the base weight's sharding."""
+    their optimizer moments follow the base weight's sharding.
 
-    def array_sharding(axes, leaf):
-        return NamedSharding(mesh, spec_for(axes, np.shape(leaf), mesh, rules))
+    A node part that those axes leave whole over the FSDP axes (LoRA's `b`, the NF4 codes of
+    q/k/v/gate/up: they split only with the output axis, which maps to `tensor`) is stored
+    split over them as well (`split_for_storage`), so FSDP holds an Nth of every weight. XLA
+    gathers such a part where the layer uses it, as it gathers any FSDP weight (an explicit
+    gather there measured more scratch memory for the same collectives).
+    """
+
+    def array_sharding(axes, leaf, in_node):
+        spec = spec_for(axes, np.shape(leaf), mesh, rules)
+        if in_node:
+            spec = split_for_storage(spec, np.shape(leaf), mesh, rules)
+        return NamedSharding(mesh, spec)
 
     def part_sharding(v, axes):
         if ptree.is_weight_node(v):
             return node_sharding(v, axes)
         if not jax.tree.leaves(v):  # a part an optimizer state leaves out (optax.MaskedNode)
             return v
-        return array_sharding(axes, v)
+        return array_sharding(axes, v, in_node=True)
 
     def node_sharding(node, axes):
         parts = node.part_axes(axes)
@@ -105,9 +115,34 @@ def param_shardings(params, mesh: Mesh, rules):
     def one(path, leaf):
         if ptree.is_weight_node(leaf):
             return node_sharding(leaf, param_logical_axes(path, 2))
-        return array_sharding(param_logical_axes(path, np.ndim(leaf)), leaf)
+        return array_sharding(param_logical_axes(path, np.ndim(leaf)), leaf, in_node=False)
 
     return ptree.map_with_path(one, params, nodes_as_leaves=True)
+
+
+def split_for_storage(spec: P, shape, mesh: Mesh, rules) -> P:
+    """`spec` with the FSDP axes (the mesh axes `embed` maps to) added, minor to the axes
+    already there, to the largest dimension they divide, when `spec` does not use them yet.
+
+    Why minor: gathering the FSDP axes back then leaves every device exactly the block `spec`
+    gives it (an all-gather within each FSDP group, no reshuffle).
+    """
+    storage = nn.logical_to_mesh_axes(("embed",), _rules(rules))[0]
+    storage = (storage,) if isinstance(storage, str) else tuple(storage or ())
+    entries = list(spec) + [None] * (len(shape) - len(spec))
+    names = [(e,) if isinstance(e, str) else tuple(e or ()) for e in entries]
+    used = {a for n in names for a in n}
+    extra = tuple(a for a in storage if a not in used and mesh.shape[a] > 1)
+    if not extra:
+        return spec
+    split = math.prod(mesh.shape[a] for a in extra)
+    fits = [i for i, dim in enumerate(shape)
+            if dim % (math.prod(mesh.shape[a] for a in names[i]) * split) == 0]
+    if not fits:
+        return spec
+    best = max(fits, key=lambda i: shape[i])
+    entries[best] = names[best] + extra
+    return P(*entries)
 
 
 def batch_sharding(mesh: Mesh, rules, ndim: int = 2) -> NamedSharding:

@@ -488,7 +488,8 @@ def test_lora_parts_follow_the_base_sharding():
     q = sh["layers_0"]["attn"]["q"]["kernel"]
     P = jax.sharding.PartitionSpec
     assert q.base.spec == P("fsdp", "tensor")
-    assert q.a.spec == P("fsdp", None) and q.b.spec == P(None, "tensor")
+    # b's own axes name only the rank and `tensor`: it is stored split over `fsdp` as well
+    assert q.a.spec == P("fsdp", None) and q.b.spec == P(None, ("tensor", "fsdp"))
 
 
 def test_adapters_refuse_to_merge_and_placements_differ():
@@ -622,8 +623,9 @@ def test_ia3_vectors_follow_their_side_of_the_weight():
     mesh = sharding.make_mesh({"data": 2, "fsdp": 2, "tensor": 2})
     sh = sharding.param_shardings(ia3.inject(BASE), mesh, sharding.DEFAULT_RULES)
     P = jax.sharding.PartitionSpec
-    assert sh["layers_0"]["attn"]["k"]["kernel"].ia3.spec == P("tensor")  # kv heads
-    assert sh["layers_0"]["mlp"]["down"]["kernel"].ia3.spec == P("tensor")  # mlp hidden
+    # kv heads and mlp hidden over `tensor`, and (stored, `sharding.split_for_storage`) `fsdp`
+    assert sh["layers_0"]["attn"]["k"]["kernel"].ia3.spec == P(("tensor", "fsdp"))
+    assert sh["layers_0"]["mlp"]["down"]["kernel"].ia3.spec == P(("tensor", "fsdp"))
     base = jnp.asarray(np.random.default_rng(0).standard_normal((3, 2)), jnp.float32)
     scale = jnp.asarray([2.0, -1.0, 0.5])
     x = jnp.asarray(np.random.default_rng(1).standard_normal((4, 3)), jnp.float32)

@@ -325,7 +325,12 @@ def embed_tokens(params: Params, cfg: ModelConfig, tokens):
     A plain table lookup: soft-prompt slots (negative ids) are resolved by the method that owns
     them (`ptjax.peft.prompts.model_inputs`), which then hands embeddings to `hidden_states`.
     """
-    return ops.embed(tokens, params["embed"]["embedding"], F32)
+    table = params["embed"]["embedding"]
+    if not ops.is_weight_node(table):
+        # gathered over FSDP first, as a layer's weight is: a lookup from a table split over
+        # `embed` makes XLA's partitioner replicate the rows it took and split them again
+        table = constrain(table, ("vocab", None))
+    return ops.embed(tokens, table, F32)
 
 
 def hidden_states(params: Params, cfg: ModelConfig, inputs_embeds, positions, segment_ids,
