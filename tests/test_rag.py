@@ -224,3 +224,19 @@ def test_answer_questions_returns_passages_and_citations(tiny, tmp_path):
         assert set(r["citations"]) <= {p["id"] for p in r["passages"]}
     index.save(tmp_path / "ix")
     assert json.loads((tmp_path / "ix" / "index.json").read_text())["count"] == 8
+
+
+def test_copy_drills_repeat_a_random_string_with_the_loss_on_the_repeat():
+    from ptjax.rag import synthetic
+
+    drills = synthetic.copy_drills(50, 0, vocab_size=40, bos=1, eos=2, length=6)
+    for ids, mask in drills:
+        chex.assert_shape([ids, mask], (14,))
+        assert ids[0] == 1 and ids[-1] == 2 and ids.min() >= 1
+        np.testing.assert_array_equal(ids[1:7], ids[7:13])
+        assert ((ids[1:13] >= 3) & (ids[1:13] < 40)).all()
+        # the loss covers the repeat from its second token (copyable) and EOS, nothing before
+        np.testing.assert_array_equal(np.flatnonzero(mask), np.arange(8, 14))
+    assert len({tuple(ids) for ids, _ in drills}) == 50
+    again = synthetic.copy_drills(50, 0, vocab_size=40, bos=1, eos=2, length=6)
+    assert all((a == b).all() for (a, _), (b, _) in zip(drills, again))

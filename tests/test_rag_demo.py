@@ -19,7 +19,7 @@ def test_rag_demo_runs_every_stage(tmp_path, tokenizer_vocab):
     r = c.rag
     r.update(train_people=300, eval_people=50, eval_questions=8, pretrain_texts=100,
              rag_sft_examples=260, head_pairs=200, head_steps=5, head_batch=32, head_mlp=16)
-    for stage in (r.pretrain, r.sft, r.rag_sft):
+    for stage in (r.copy_warmup, r.pretrain, r.sft, r.rag_sft):
         stage.train.steps = 2
         stage.eval.every = 2
     r.pretrain.train.seq_len = 320

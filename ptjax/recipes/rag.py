@@ -1,9 +1,12 @@
 """The RAG demo: questions about made-up people, answerable only from a generated corpus.
 
 Stages (each with its own workdir under WORKDIR; rerunning resumes the training stages):
-1. `base`: a small model pretrained from scratch on texts about people made up for each text
-   (never the training or held-out people), each ending with restated facts, so it learns the
-   language and to copy a fact from earlier in the text rather than to memorize people.
+0. `copy_warmup`: the small model, from scratch, on repeated random token strings only
+   (`synthetic.copy_drills`), where an induction (copy) circuit forms within a few hundred
+   steps; the drills stay in the mix of the base and RAG fine-tuning data so it stays.
+1. `base`: pretrained on texts about people made up for each text (never the training or
+   held-out people), each ending with restated facts, so it learns the language and to copy a
+   fact from earlier in the text rather than to memorize people.
 2. `sft`: fine-tuned on plain `Q:`/`A:` questions about the training people, no passages.
 3. retrieval over the passages of all people (training and held out): BM25, the base model's
    mean-pooled states, and those states through a contrastive dual-encoder head trained on the
@@ -47,17 +50,18 @@ def exact_match(answers: list[str], predictions: list[str]) -> float:
     return D.score(answers, predictions)
 
 
-def evaluate(params, model_cfg, tokenizer, retriever, eval_qs, k: int, template: str) -> dict:
+def evaluate(params, model_cfg, tokenizer, retriever, eval_qs, k: int, template: str,
+             max_new_tokens: int) -> dict:
     """Accuracy of greedy answers to the held-out questions with k retrieved passages (k = 0:
     the bare question), plus how often the cited passage is the gold one."""
     questions = [q for q, _, _ in eval_qs]
     answers = [a for _, a, _ in eval_qs]
     if k == 0:
         prompts = [build_prompt(q, [], template) for q in questions]
-        preds = sampling.generate_text(params, model_cfg, tokenizer, prompts, max_new_tokens=16)
+        preds = sampling.generate_text(params, model_cfg, tokenizer, prompts, max_new_tokens=max_new_tokens)
         return {"accuracy": exact_match(answers, [parse_answer(p, [])[0] for p in preds])}
     results = pipeline.answer_questions(params, model_cfg, tokenizer, retriever, questions, k,
-                                        template=template, max_new_tokens=16)
+                                        template=template, max_new_tokens=max_new_tokens)
     cited_gold = [bool(r["citations"]) and r["citations"][0] in gold
                   for r, (_, _, gold) in zip(results, eval_qs)]
     return {"accuracy": exact_match(answers, [r["answer"] for r in results]),
@@ -129,7 +133,7 @@ def real_model_stage(config, workdir: str, people, train_qs, eval_qs) -> dict:
                 "example": replies[0]}
 
     def with_passages(p):
-        results = pipeline.answer_questions(p, cfg, tok, retriever, [q for q, _, _ in qs], r.k,
+        results = pipeline.answer_questions(p, cfg, tok, retriever, [q for q, _, _ in qs], real.k,
                                             max_new_tokens=real.max_new_tokens)
         return scores([x["reply"] for x in results])
 
@@ -139,9 +143,9 @@ def real_model_stage(config, workdir: str, people, train_qs, eval_qs) -> dict:
                params, cfg, tok, bare, max_new_tokens=real.max_new_tokens)),
            "with_retrieval": with_passages(params)}
     ft_qs = train_qs[:real.finetune_examples]
-    _, rows = retriever.search([q for q, _, _ in ft_qs], r.k)
+    _, rows = retriever.search([q for q, _, _ in ft_qs], real.k)
     records = rag_sft_records([q for q, _, _ in ft_qs], [a for _, a, _ in ft_qs],
-                              [g for _, _, g in ft_qs], rows, passages, r.k, seed=config.seed,
+                              [g for _, _, g in ft_qs], rows, passages, real.k, seed=config.seed,
                               chat=True)
     c = stage_config(config, real.finetune, method="lora")
     split = len(records) - 64
@@ -187,13 +191,29 @@ def run(config, workdir: str) -> dict:
         seconds[name] = round(time.time() - t0, 1)
         trainer.write_summary(summary_path, summary)
 
+    def drills(n, seed):
+        return synthetic.copy_drills(n, seed, tokenizer.vocab_size, tokenizer.bos_id,
+                                     tokenizer.eos_id)
+
+    def with_drills(examples, seed):
+        mixed = examples + drills(int(len(examples) * r.copy_drill_fraction), seed)
+        return [mixed[i] for i in np.random.default_rng(seed).permutation(len(mixed))]
+
+    t0 = time.time()
+    c = stage_config(config, r.copy_warmup, method="full")
+    model_cfg = dataclasses.replace(trainer.model_config(c), vocab_size=tokenizer.vocab_size)
+    warmup = trainer.train(c, os.path.join(workdir, "copy_warmup"),
+                           drills(20000, config.seed + 5), drills(100, config.seed + 6),
+                           model_cfg=model_cfg, tokenizer=tokenizer)
+    timed("copy_warmup", t0)
+
     t0 = time.time()
     c = stage_config(config, r.pretrain, method="full")
-    model_cfg = dataclasses.replace(trainer.model_config(c), vocab_size=tokenizer.vocab_size)
     base = trainer.train(c, os.path.join(workdir, "base"),
-                         encode([D.SFTRecord("", t) for t in texts], tokenizer, c.train.seq_len),
+                         with_drills(encode([D.SFTRecord("", t) for t in texts], tokenizer,
+                                            c.train.seq_len), config.seed + 7),
                          encode([D.SFTRecord("", t) for t in held], tokenizer, c.train.seq_len),
-                         model_cfg=model_cfg, tokenizer=tokenizer)
+                         init_params=warmup.params, model_cfg=model_cfg, tokenizer=tokenizer)
     timed("base", t0)
 
     t0 = time.time()
@@ -217,9 +237,10 @@ def run(config, workdir: str) -> dict:
     passages = retriever.passages
 
     t0 = time.time()
-    no_retrieval = evaluate(sft.params, sft.model_cfg, tokenizer, None, eval_qs, 0, r.template)
+    no_retrieval = evaluate(sft.params, sft.model_cfg, tokenizer, None, eval_qs, 0, r.template,
+                            r.max_new_tokens)
     with_retrieval = evaluate(sft.params, sft.model_cfg, tokenizer, retriever, eval_qs, r.k,
-                              r.template)
+                              r.template, r.max_new_tokens)
     summary.update(accuracy_no_retrieval=no_retrieval["accuracy"],
                    accuracy_with_retrieval=with_retrieval["accuracy"])
     timed("eval_sft", t0)
@@ -233,11 +254,12 @@ def run(config, workdir: str) -> dict:
     split = len(records) - 200
     c = stage_config(config, r.rag_sft, method="full")
     rag_sft = trainer.train(c, os.path.join(workdir, "rag_sft"),
-                            encode(records[:split], tokenizer, c.train.seq_len),
+                            with_drills(encode(records[:split], tokenizer, c.train.seq_len),
+                                        config.seed + 8),
                             encode(records[split:], tokenizer, c.train.seq_len),
                             init_params=sft.params, model_cfg=sft.model_cfg, tokenizer=tokenizer)
     finetuned = evaluate(rag_sft.params, rag_sft.model_cfg, tokenizer, retriever, eval_qs, r.k,
-                         r.template)
+                         r.template, r.max_new_tokens)
     timed("rag_sft", t0)
 
     summary.update({
