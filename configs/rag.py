@@ -53,7 +53,6 @@ def get_config(arg=None):
     # Copy drills (`synthetic.copy_drills`): the warm-up stage on drills alone, then this
     # fraction of drills (per example) mixed into the base and RAG fine-tuning data.
     c.rag.copy_drill_fraction = 0.3
-    c.rag.max_new_tokens = 16
     c.rag.retriever = "bm25"  # the passages the model reads: bm25, dense (contrastive head) or
     # dense_mean_pooled; every retriever's recall is reported
     # fine-tuning prompts list the gold passage and the distractors in random order (False:

@@ -50,18 +50,17 @@ def exact_match(answers: list[str], predictions: list[str]) -> float:
     return D.score(answers, predictions)
 
 
-def evaluate(params, model_cfg, tokenizer, retriever, eval_qs, k: int, template: str,
-             max_new_tokens: int) -> dict:
+def evaluate(params, model_cfg, tokenizer, retriever, eval_qs, k: int, template: str) -> dict:
     """Accuracy of greedy answers to the held-out questions with k retrieved passages (k = 0:
     the bare question), plus how often the cited passage is the gold one."""
     questions = [q for q, _, _ in eval_qs]
     answers = [a for _, a, _ in eval_qs]
     if k == 0:
         prompts = [build_prompt(q, [], template) for q in questions]
-        preds = sampling.generate_text(params, model_cfg, tokenizer, prompts, max_new_tokens=max_new_tokens)
+        preds = sampling.generate_text(params, model_cfg, tokenizer, prompts, max_new_tokens=16)
         return {"accuracy": exact_match(answers, [parse_answer(p, [])[0] for p in preds])}
     results = pipeline.answer_questions(params, model_cfg, tokenizer, retriever, questions, k,
-                                        template=template, max_new_tokens=max_new_tokens)
+                                        template=template, max_new_tokens=16)
     cited_gold = [bool(r["citations"]) and r["citations"][0] in gold
                   for r, (_, _, gold) in zip(results, eval_qs)]
     return {"accuracy": exact_match(answers, [r["answer"] for r in results]),
@@ -237,10 +236,9 @@ def run(config, workdir: str) -> dict:
     passages = retriever.passages
 
     t0 = time.time()
-    no_retrieval = evaluate(sft.params, sft.model_cfg, tokenizer, None, eval_qs, 0, r.template,
-                            r.max_new_tokens)
+    no_retrieval = evaluate(sft.params, sft.model_cfg, tokenizer, None, eval_qs, 0, r.template)
     with_retrieval = evaluate(sft.params, sft.model_cfg, tokenizer, retriever, eval_qs, r.k,
-                              r.template, r.max_new_tokens)
+                              r.template)
     summary.update(accuracy_no_retrieval=no_retrieval["accuracy"],
                    accuracy_with_retrieval=with_retrieval["accuracy"])
     timed("eval_sft", t0)
@@ -259,7 +257,7 @@ def run(config, workdir: str) -> dict:
                             encode(records[split:], tokenizer, c.train.seq_len),
                             init_params=sft.params, model_cfg=sft.model_cfg, tokenizer=tokenizer)
     finetuned = evaluate(rag_sft.params, rag_sft.model_cfg, tokenizer, retriever, eval_qs, r.k,
-                         r.template, r.max_new_tokens)
+                         r.template)
     timed("rag_sft", t0)
 
     summary.update({
