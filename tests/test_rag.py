@@ -226,6 +226,31 @@ def test_answer_questions_returns_passages_and_citations(tiny, tmp_path):
     assert json.loads((tmp_path / "ix" / "index.json").read_text())["count"] == 8
 
 
+def test_embed_texts_from_input_embeddings_is_the_mean_of_the_tokens_rows(tiny):
+    from ptjax.rag import encoder
+
+    cfg, params, tok = tiny
+    texts = ["short", "a longer text"]
+    got = embed_texts(params, cfg, tok, texts, batch_size=4, states="embeddings")
+    chex.assert_shape(got, (2, cfg.hidden))
+    table = np.asarray(params["embed"]["embedding"], np.float64)
+    for row, text in zip(got, texts):  # float64 rows of the table, averaged in numpy
+        np.testing.assert_allclose(row, table[D.encode_prompt(text, tok)].mean(0), atol=1e-6)
+    assert not np.allclose(got, embed_texts(params, cfg, tok, texts, batch_size=4), atol=1e-3)
+    with pytest.raises(ValueError, match="rag.encoder_states"):
+        embed_texts(params, cfg, tok, texts, states="middle")
+    # the retriever embeds its queries as the index was built: each passage finds itself
+    passages = [Passage(f"p{i}", f"fact {i} about {'xyz'[i % 3] * (i + 1)}") for i in range(12)]
+    index = build_dense_index(params, cfg, tok, passages, states="embeddings")
+    _, rows = DenseRetriever(index, params, cfg, tok, states="embeddings").search(
+        [p.text for p in passages], 1)
+    np.testing.assert_array_equal(rows[:, 0], np.arange(12))
+    # an index of one kind of states never answers queries embedded the other way
+    assert encoder.fingerprint(params, cfg) == encoder.fingerprint(params, cfg, None, "final")
+    assert encoder.fingerprint(params, cfg) != encoder.fingerprint(params, cfg, None,
+                                                                   "embeddings")
+
+
 def test_copy_drills_repeat_a_random_string_with_the_loss_on_the_repeat():
     from ptjax.rag import synthetic
 

@@ -23,8 +23,9 @@ from ptjax.rag.prompt import INSTRUCTION, TEMPLATE, encode_rag_prompt, parse_ans
 
 @dataclasses.dataclass
 class DenseRetriever:
-    """Questions embedded by the model (`params`, `cfg`, `tokenizer`) and `head`, searched in
-    `index` by `method` ("exact" or "ivf" with `nprobe` cells)."""
+    """Questions embedded by the model (`params`, `cfg`, `tokenizer`; its final or input
+    embedding `states`, as the index was built) and `head`, searched in `index` by `method`
+    ("exact" or "ivf" with `nprobe` cells)."""
 
     index: Index
     params: object
@@ -33,13 +34,15 @@ class DenseRetriever:
     head: dict | None = None
     method: str = "exact"
     nprobe: int = 8
+    states: str = "final"
 
     @property
     def passages(self) -> list[Passage]:
         return self.index.passages
 
     def embed(self, texts: list[str]) -> np.ndarray:
-        pooled = encoder.embed_texts(self.params, self.cfg, self.tokenizer, texts)
+        pooled = encoder.embed_texts(self.params, self.cfg, self.tokenizer, texts,
+                                     states=self.states)
         return np.asarray(encoder.apply_head(self.head, pooled))
 
     def search(self, questions: list[str], k: int):
@@ -58,13 +61,16 @@ class BM25Retriever:
 
 
 def build_dense_index(params, cfg, tokenizer, passages: list[Passage], head: dict | None = None,
-                      dtype=np.float32) -> Index:
-    """Every passage embedded by the model (and head), with the encoder's fingerprint kept in
-    the index so queries are never scored against another encoder's vectors."""
-    pooled = encoder.embed_texts(params, cfg, tokenizer, [p.text for p in passages])
+                      dtype=np.float32, states: str = "final") -> Index:
+    """Every passage embedded by the model (its final or input embedding `states`) and head,
+    with the encoder's fingerprint kept in the index so queries are never scored against
+    another encoder's vectors."""
+    pooled = encoder.embed_texts(params, cfg, tokenizer, [p.text for p in passages],
+                                 states=states)
     emb = np.asarray(encoder.apply_head(head, pooled)).astype(dtype)
-    info = {"kind": "mean_pooled" + ("+contrastive_head" if head is not None else ""),
-            "fingerprint": encoder.fingerprint(params, cfg, head)}
+    info = {"kind": "mean_pooled" + ("" if states == "final" else f"_{states}")
+                    + ("+contrastive_head" if head is not None else ""),
+            "fingerprint": encoder.fingerprint(params, cfg, head, states)}
     return Index(emb, list(passages), info)
 
 

@@ -9,7 +9,8 @@ Stages (each with its own workdir under WORKDIR; rerunning resumes the training 
    fact from earlier in the text rather than to memorize people.
 2. `sft`: fine-tuned on plain `Q:`/`A:` questions about the training people, no passages.
 3. retrieval over the passages of all people (training and held out): BM25, the base model's
-   mean-pooled states, and those states through a contrastive dual-encoder head trained on the
+   mean-pooled states (final, or its input embeddings: `rag.encoder_states`), and those states
+   through a contrastive dual-encoder head trained on the
    training people's (question, passage) pairs; recall@1/3/5/10 on the held-out questions.
 4. accuracy on held-out questions with the `sft` model, without and with the retrieved passages.
 5. `rag_sft`: retrieval-augmented fine-tuning from `sft` through the ordinary SFT trainer, on
@@ -74,25 +75,27 @@ def retrieval_stage(config, base, tokenizer, people, train_qs, eval_qs) -> tuple
     passages = [p.passage() for p in people]
     by_id = {p.id: i for i, p in enumerate(passages)}
     retrievers = {"bm25": pipeline.BM25Retriever(passages)}
+    states = r.encoder_states
     pooled_passages = encoder.embed_texts(base.params, base.model_cfg, tokenizer,
-                                          [p.text for p in passages])
+                                          [p.text for p in passages], states=states)
     retrievers["dense_mean_pooled"] = pipeline.DenseRetriever(
         pipeline.Index(np.asarray(encoder.apply_head(None, pooled_passages)), passages,
                        {"kind": "mean_pooled"}),
-        base.params, base.model_cfg, tokenizer)
+        base.params, base.model_cfg, tokenizer, states=states)
     head_qs = train_qs[:r.head_pairs]
     pooled_questions = encoder.embed_texts(base.params, base.model_cfg, tokenizer,
-                                           [q for q, _, _ in head_qs])
+                                           [q for q, _, _ in head_qs], states=states)
     gold_rows = [by_id[gold[0]] for _, _, gold in head_qs]
     head, losses = encoder.train_head(pooled_questions, pooled_passages[gold_rows],
                                       dim=r.head_dim, mlp=r.head_mlp, steps=r.head_steps,
                                       batch_size=r.head_batch, lr=r.head_lr,
                                       temperature=r.temperature, seed=config.seed)
     index = pipeline.Index(np.asarray(encoder.apply_head(head, pooled_passages)), passages,
-                           {"kind": "mean_pooled+contrastive_head",
-                            "fingerprint": encoder.fingerprint(base.params, base.model_cfg, head)})
+                           {"kind": "mean_pooled+contrastive_head", "states": states,
+                            "fingerprint": encoder.fingerprint(base.params, base.model_cfg, head,
+                                                               states)})
     retrievers["dense"] = pipeline.DenseRetriever(index, base.params, base.model_cfg, tokenizer,
-                                                  head)
+                                                  head, states=states)
     recall = {}
     questions = [q for q, _, _ in eval_qs]
     golds = [g for _, _, g in eval_qs]
