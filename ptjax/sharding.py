@@ -61,13 +61,18 @@ def _rules(rules) -> tuple:
     return tuple((name, tuple(axes) if isinstance(axes, list) else axes) for name, axes in rules)
 
 
+def _axis_names(entry) -> tuple:
+    """The mesh axes of one PartitionSpec entry (None, a name or a tuple of names) as a tuple."""
+    return (entry,) if isinstance(entry, str) else tuple(entry or ())
+
+
 def spec_for(logical_axes, shape, mesh: Mesh, rules) -> P:
     """PartitionSpec of one array: its logical names through the rules, dropping any mesh axis
     that does not divide the dimension (small heads or vocabularies stay replicated)."""
     spec = nn.logical_to_mesh_axes(logical_axes, _rules(rules))
     fixed = []
     for dim, axes in zip(shape, tuple(spec) + (None,) * (len(shape) - len(spec))):
-        names = (axes,) if isinstance(axes, str) else (axes or ())
+        names = _axis_names(axes)
         size = math.prod(mesh.shape[a] for a in names)
         fixed.append(axes if names and dim % size == 0 else None)
     return P(*fixed)
@@ -127,10 +132,9 @@ def split_for_storage(spec: P, shape, mesh: Mesh, rules) -> P:
     Why minor: gathering the FSDP axes back then leaves every device exactly the block `spec`
     gives it (an all-gather within each FSDP group, no reshuffle).
     """
-    storage = nn.logical_to_mesh_axes(("embed",), _rules(rules))[0]
-    storage = (storage,) if isinstance(storage, str) else tuple(storage or ())
+    storage = _axis_names(nn.logical_to_mesh_axes(("embed",), _rules(rules))[0])
     entries = list(spec) + [None] * (len(shape) - len(spec))
-    names = [(e,) if isinstance(e, str) else tuple(e or ()) for e in entries]
+    names = [_axis_names(e) for e in entries]
     used = {a for n in names for a in n}
     extra = tuple(a for a in storage if a not in used and mesh.shape[a] > 1)
     if not extra:

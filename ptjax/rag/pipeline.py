@@ -67,6 +67,13 @@ def build_dense_index(params, cfg, tokenizer, passages: list[Passage], head: dic
     another encoder's vectors."""
     pooled = encoder.embed_texts(params, cfg, tokenizer, [p.text for p in passages],
                                  states=states)
+    return index_of_pooled(pooled, passages, params, cfg, head, dtype, states)
+
+
+def index_of_pooled(pooled, passages: list[Passage], params, cfg, head: dict | None = None,
+                    dtype=np.float32, states: str = "final") -> Index:
+    """`build_dense_index` for passages already pooled by `encoder.embed_texts(..., states)`
+    (a caller that trains a head on the same pooled states embeds them once)."""
     emb = np.asarray(encoder.apply_head(head, pooled)).astype(dtype)
     info = {"kind": "mean_pooled" + ("" if states == "final" else f"_{states}")
                     + ("+contrastive_head" if head is not None else ""),

@@ -79,8 +79,8 @@ def retrieval_stage(config, base, tokenizer, people, train_qs, eval_qs) -> tuple
     pooled_passages = encoder.embed_texts(base.params, base.model_cfg, tokenizer,
                                           [p.text for p in passages], states=states)
     retrievers["dense_mean_pooled"] = pipeline.DenseRetriever(
-        pipeline.Index(np.asarray(encoder.apply_head(None, pooled_passages)), passages,
-                       {"kind": "mean_pooled"}),
+        pipeline.index_of_pooled(pooled_passages, passages, base.params, base.model_cfg,
+                                 states=states),
         base.params, base.model_cfg, tokenizer, states=states)
     head_qs = train_qs[:r.head_pairs]
     pooled_questions = encoder.embed_texts(base.params, base.model_cfg, tokenizer,
@@ -90,10 +90,8 @@ def retrieval_stage(config, base, tokenizer, people, train_qs, eval_qs) -> tuple
                                       dim=r.head_dim, mlp=r.head_mlp, steps=r.head_steps,
                                       batch_size=r.head_batch, lr=r.head_lr,
                                       temperature=r.temperature, seed=config.seed)
-    index = pipeline.Index(np.asarray(encoder.apply_head(head, pooled_passages)), passages,
-                           {"kind": "mean_pooled+contrastive_head", "states": states,
-                            "fingerprint": encoder.fingerprint(base.params, base.model_cfg, head,
-                                                               states)})
+    index = pipeline.index_of_pooled(pooled_passages, passages, base.params, base.model_cfg,
+                                     head, states=states)
     retrievers["dense"] = pipeline.DenseRetriever(index, base.params, base.model_cfg, tokenizer,
                                                   head, states=states)
     recall = {}
