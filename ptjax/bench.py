@@ -5,6 +5,7 @@
         --new_tokens=128 --dtype=bfloat16
     python -m ptjax.bench --preset=llama-56m --method=full --batch=1 --seq=2048,4096,8192
     python -m ptjax.bench --plan --preset=llama2-7b --mesh=fsdp:8 --method=qlora,lora,full
+    python -m ptjax.bench --preset=llama-56m --method=qlora --profile   # + time by operation
 
 Prints one JSON object per case. MFU is model FLOPs per second over the bf16 matmul ceiling
 measured in the same process (a large bf16 x bf16 -> f32 dot), because that ceiling varies between
@@ -38,7 +39,7 @@ import numpy as np  # noqa: E402
 import optax  # noqa: E402
 from absl import app, flags  # noqa: E402
 
-from ptjax import peft, quant, sampling  # noqa: E402
+from ptjax import peft, quant, sampling, step_profile  # noqa: E402
 from ptjax import tree as ptree  # noqa: E402
 from ptjax.data import ByteTokenizer  # noqa: E402
 from ptjax.models import llama  # noqa: E402
@@ -66,6 +67,8 @@ flags.DEFINE_bool("scan_layers", True, "Layers as one lax.scan (False: unrolled 
 flags.DEFINE_bool("plan", False, "Print the step's per-device memory plan (compiled from shapes, "
                   "without and with remat, and analytic) instead of timing it.")
 flags.DEFINE_string("mesh", "", "--plan: the mesh, e.g. fsdp:8 or data:2,fsdp:2,tensor:2.")
+flags.DEFINE_bool("profile", False, "Train cases: also trace two steps with jax.profiler and add "
+                  "the step's time by operation (`ptjax.step_profile`) to the JSON line.")
 flags.DEFINE_integer("layers", 0, "Override the preset's depth (0: the preset's own), e.g. to see "
                      "how compile time grows with depth under --plan.")
 
@@ -158,8 +161,9 @@ def host_init(cfg: ModelConfig, seed: int = 0) -> dict:
 
 
 def time_train_step(cfg: ModelConfig, method: str, batch: int, seq: int, steps: int,
-                    warmup: int) -> dict:
-    """Compile and time one train step; returns timing, memory and trainable-size figures."""
+                    warmup: int, profile: bool = False) -> dict:
+    """Compile and time one train step; returns timing, memory and trainable-size figures
+    (and, with `profile`, the step's time by operation after the timed steps)."""
     params = host_init(cfg)
     params, trainable = method_params(cfg, method, params)
     mask = ptree.trainable_mask(params, trainable)
@@ -181,6 +185,14 @@ def time_train_step(cfg: ModelConfig, method: str, batch: int, seq: int, steps: 
             times.append(time.perf_counter() - t)
     trainable_matmul = sum(int(np.prod(v.shape)) for p, v in ptree.flatten_with_paths(state.trainable)
                            if re.search(r"kernel(/(a|b|down|up))?$", p))
+    by_op = {}
+    if profile:
+        def run():
+            nonlocal state
+            state, m = compiled(state, data, jax.random.key(1))
+            jax.block_until_ready(m)
+
+        by_op = {"profile": step_profile.profile(compiled, run)}
     return {
         "step_s": float(np.median(times)),
         "compile_s": compile_s,
@@ -190,6 +202,7 @@ def time_train_step(cfg: ModelConfig, method: str, batch: int, seq: int, steps: 
         "parameter_mb": (ptree.nbytes(state.trainable) + ptree.nbytes(state.frozen)) / 2**20,
         "xla_temp_mb": getattr(mem, "temp_size_in_bytes", 0) / 2**20,
         "trainable_matmul_params": trainable_matmul,
+        **by_op,
     }
 
 
@@ -399,7 +412,7 @@ def run_case(method: str, dtype: str, seq: int):
     ceiling_f32 = matmul_ceiling(jnp.float32)
     cfg = preset(FLAGS.preset, dtype=dtype, remat=FLAGS.remat, scan_layers=FLAGS.scan_layers,
                  **depth_override())
-    r = time_train_step(cfg, method, FLAGS.batch, seq, FLAGS.steps, FLAGS.warmup)
+    r = time_train_step(cfg, method, FLAGS.batch, seq, FLAGS.steps, FLAGS.warmup, FLAGS.profile)
     tokens_per_s = FLAGS.batch * seq / r["step_s"]
     flops = flops_per_token(cfg, seq, r.pop("trainable_matmul_params"))
     print(json.dumps({
@@ -443,7 +456,7 @@ def main(argv):
         subprocess.run([sys.executable, "-m", "ptjax.bench", f"--method={method}",
                         f"--dtype={dtype}", f"--seq={seq}", *[f"--{f}={getattr(FLAGS, f)}" for f in
                         ("preset", "batch", "prompt_len", "new_tokens", "steps", "warmup",
-                         "remat", "scan_layers", "layers")], *args],
+                         "remat", "scan_layers", "layers", "profile")], *args],
                        check=True)
 
 
