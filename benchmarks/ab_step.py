@@ -31,20 +31,15 @@ from ptjax import runtime
 runtime.reexec_with_fast_allocator()
 
 import contextlib  # noqa: E402
-import functools  # noqa: E402
 import importlib.util  # noqa: E402
 import time  # noqa: E402
 
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
-import optax  # noqa: E402
 from absl import app, flags  # noqa: E402
 
 from ptjax import bench  # noqa: E402
-from ptjax import tree as ptree  # noqa: E402
 from ptjax.models.config import preset  # noqa: E402
-from ptjax.train import sft  # noqa: E402
-from ptjax.train import state as state_lib  # noqa: E402
 
 # --preset, --method, --batch, --seq and --dtype are ptjax.bench's flags (the first value of each)
 flags.DEFINE_string("variant", None, "Python file defining a `patched()` context manager.")
@@ -66,27 +61,24 @@ def load_variant(path: str):
 def main(argv):
     del argv
     patched = load_variant(FLAGS.variant)
-    method, seq, dtype = FLAGS.method[0], int(FLAGS.seq[0]), FLAGS.dtype[0]
-    cfg = preset(FLAGS.preset, dtype=dtype)
-    params, trainable = bench.method_params(cfg, method, bench.host_init(cfg))
-    mask = ptree.trainable_mask(params, trainable)
-    tx = optax.adamw(1e-4)
-    data = bench.random_batch(FLAGS.batch, seq, cfg.vocab_size)
+    seq = int(FLAGS.seq[0])
+    cfg = preset(FLAGS.preset, dtype=FLAGS.dtype[0])
+    # not donated: both variants start every call from the same state
+    step, state, data = bench.train_step_case(cfg, FLAGS.method[0], FLAGS.batch, seq,
+                                              donate=False)
     key = jax.random.key(1)
     variants = {}
     for name, context in (("A", contextlib.nullcontext()), ("B", patched())):
-        state = state_lib.create(params, mask, tx, seed=0, frozen_matmul_dtype=cfg.compute_dtype)
-        step = jax.jit(functools.partial(sft.train_step, model_cfg=cfg, tx=tx))
-        with context:
+        with context:  # the variant's patches are read while the step is traced
             compiled = step.lower(state, data, key).compile()
         _, metrics = compiled(state, data, key)
         scratch = compiled.memory_analysis().temp_size_in_bytes / 2**20
         print(f"{name}: loss {float(metrics['loss']):.6f}, XLA scratch {scratch:.1f} MB", flush=True)
-        variants[name] = (compiled, state)
+        variants[name] = compiled
     times = {"A": [], "B": []}
     for r in range(FLAGS.rounds):
         for name in ("A", "B") if r % 2 == 0 else ("B", "A"):
-            compiled, state = variants[name]
+            compiled = variants[name]
             t = time.perf_counter()
             jax.block_until_ready(compiled(state, data, key))
             times[name].append(time.perf_counter() - t)

@@ -160,18 +160,27 @@ def host_init(cfg: ModelConfig, seed: int = 0) -> dict:
                         shapes)
 
 
+def train_step_case(cfg: ModelConfig, method: str, batch: int, seq: int, donate: bool = True):
+    """(jitted SFT train step, its first state, a random batch) of a benchmark method.
+
+    Why a function: the timer below and `benchmarks/ab_step.py` (which traces the same step
+    twice, once under a variant's patches) must time exactly the same step. `donate`: the step
+    writes the new state over the old one, as in training; without it a state can be reused.
+    """
+    params, trainable = method_params(cfg, method, host_init(cfg))
+    mask = ptree.trainable_mask(params, trainable)
+    tx = optax.adamw(1e-4)
+    state = state_lib.create(params, mask, tx, seed=0, frozen_matmul_dtype=cfg.compute_dtype)
+    step = jax.jit(functools.partial(sft.train_step, model_cfg=cfg, tx=tx),
+                   donate_argnums=0 if donate else ())
+    return step, state, random_batch(batch, seq, cfg.vocab_size)
+
+
 def time_train_step(cfg: ModelConfig, method: str, batch: int, seq: int, steps: int,
                     warmup: int, profile: bool = False) -> dict:
     """Compile and time one train step; returns timing, memory and trainable-size figures
     (and, with `profile`, the step's time by operation after the timed steps)."""
-    params = host_init(cfg)
-    params, trainable = method_params(cfg, method, params)
-    mask = ptree.trainable_mask(params, trainable)
-    tx = optax.adamw(1e-4)
-    state = state_lib.create(params, mask, tx, seed=0, frozen_matmul_dtype=cfg.compute_dtype)
-    del params
-    data = random_batch(batch, seq, cfg.vocab_size)
-    step = jax.jit(functools.partial(sft.train_step, model_cfg=cfg, tx=tx), donate_argnums=0)
+    step, state, data = train_step_case(cfg, method, batch, seq)
     t = time.perf_counter()
     compiled = step.lower(state, data, jax.random.key(1)).compile()
     compile_s = time.perf_counter() - t

@@ -69,15 +69,15 @@ def profile(compiled, run, steps: int = 2, top: int = 15) -> dict:
     executed, per step; `share` of all traced instruction time). `matmul_share` is the part in dot_general (matmuls and the fusions XLA
     builds around them).
     """
-    names = op_names(compiled.as_text())
+    ops = {name: short_op(op) for name, op in op_names(compiled.as_text()).items()}
     with tempfile.TemporaryDirectory() as trace_dir:
         events = trace_events(run, steps, trace_dir)
     per_op: collections.Counter = collections.Counter()
     calls: collections.Counter = collections.Counter()
     for name, ns in events:
-        if name in names:
-            per_op[short_op(names[name])] += ns
-            calls[short_op(names[name])] += 1
+        if name in ops:
+            per_op[ops[name]] += ns
+            calls[ops[name]] += 1
     total = sum(per_op.values())
     if not total:
         raise RuntimeError("the trace holds no event of the compiled program's instructions")
