@@ -54,6 +54,10 @@ def ppo_defaults() -> ml_collections.ConfigDict:
     # set a bias and gain that make them mean 0, std 1 (Ziegler et al.), so kl_coef is in
     # units of the reward's spread whatever the reward model's scale; 0 = raw scores.
     p.score_normalization_samples = 0
+    # > 1: before the first update, sample this many responses per prompt from the starting
+    # policy and keep only the prompts whose responses are not all the same (the others give
+    # every rollout one reward: no advantage to learn from); 0 = every prompt.
+    p.prompt_filter_samples = 0
     return p
 
 

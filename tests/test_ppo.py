@@ -3,6 +3,7 @@ reference is the same base (one copy), and a few iterations raise a programmatic
 KL finite; rerunning resumes."""
 
 import json
+import types
 import os
 
 import jax
@@ -96,12 +97,15 @@ def test_ppo_raises_a_programmatic_reward_and_resumes(tmp_path):
     prompts = [f"q{i}: " for i in range(32)]
     workdir = str(tmp_path / "ppo")
     params = llama.init_params(CFG, jax.random.key(0))
-    ppo_recipe.train(_config(4), workdir, prompts, TOK, params, CFG, score_tokens=even_fraction,
+    first = _config(4)
+    first.ppo.prompt_filter_samples = 2
+    ppo_recipe.train(first, workdir, prompts, TOK, params, CFG, score_tokens=even_fraction,
                      show_progress=False)
     with pytest.raises(failures.ResumeMismatch, match="train.steps: 4 -> 8"):
         ppo_recipe.train(_config(8), workdir, prompts, TOK, params, CFG,
                          score_tokens=even_fraction, show_progress=False)
     longer = _config(8)
+    longer.ppo.prompt_filter_samples = 2
     longer.checkpoint.allow_changes = "train.steps"  # extending the run is meant
     ppo_recipe.train(longer, workdir, prompts, TOK, params, CFG, score_tokens=even_fraction,
                      show_progress=False)
@@ -111,6 +115,8 @@ def test_ppo_raises_a_programmatic_reward_and_resumes(tmp_path):
     scores = [r["ppo/score"] for r in rows]
     assert np.mean(scores[-3:]) > np.mean(scores[:3]) + 0.1, scores
     assert all(np.isfinite(r["ppo/kl"]) for r in rows) and rows[-1]["ppo/kl"] > 0
+    # the random starting policy never answers a prompt the same twice: the filter keeps all
+    assert {r["ppo/prompts"] for r in rows} == {32}
     for key in ("ppo/kl_coef", "ppo/entropy", "ppo/clip_fraction", "ppo/approx_kl",
                 "ppo/value_loss", "ppo/explained_variance", "ppo/response_length",
                 "time/generate_s", "time/score_s", "time/train_s"):
@@ -198,6 +204,7 @@ def test_ppo_with_a_separate_critic_raises_the_reward_and_resumes(tmp_path):
     def config(steps):
         c = _config(steps)
         c.ppo.update(critic="separate", critic_lr=1e-2, score_normalization_samples=32)
+        c.checkpoint.allow_changes = "train.steps"  # the second call extends the run
         return c
 
     first = ppo_recipe.train(config(4), workdir, prompts, TOK, params, CFG,
@@ -230,6 +237,29 @@ def test_ppo_with_a_separate_critic_raises_the_reward_and_resumes(tmp_path):
     assert not np.allclose(critic_q, np.asarray(params["layers_0"]["attn"]["q"]["kernel"]))
     assert ppo.VALUE_HEAD in saved["critic"]["trainable"]
     assert ppo.VALUE_HEAD not in saved["policy"]["trainable"]
+
+
+def test_prompt_filter_keeps_the_prompts_whose_sampled_responses_differ():
+    """`prompts_with_varied_responses` samples every prompt `samples` times in batches (the
+    last batch wrapping to the first prompts) and keeps exactly the prompts that got more than
+    one distinct response; what the wrapped rows got does not count for their prompts."""
+    calls = []
+
+    def sample(ids, i):
+        calls.append((i, list(ids)))
+        k = i // 10  # the sample's number: index = k * n + batch start
+        # prompts 0, 3, 6, 9 always get "same"; the others a response that changes with k,
+        # except in wrapped rows (position >= the batch's real prompts), which would vary too
+        return types.SimpleNamespace(responses=[
+            "same" if p % 3 == 0 and pos < 10 - i % 10 else f"r{p}-{k}-{pos}"
+            for pos, p in enumerate(ids)])
+
+    kept = ppo_recipe.prompts_with_varied_responses(sample, list(range(10)), 3, 4)
+    assert kept == [1, 2, 4, 5, 7, 8]
+    assert [i for i, _ in calls] == [0, 4, 8, 10, 14, 18, 20, 24, 28]
+    assert calls[2][1] == [8, 9, 0, 1]  # the last batch wraps
+    # one sample per prompt can never disagree with itself
+    assert ppo_recipe.prompts_with_varied_responses(sample, list(range(10)), 1, 4) == []
 
 
 def test_score_normalization_gives_the_starting_scores_mean_0_std_1():

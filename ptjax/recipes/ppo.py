@@ -112,6 +112,27 @@ def score_normalization(score_of, sample, prompt_ids: list, n: int, batch: int):
     return float(-scores.mean()), float(1.0 / max(scores.std(), 1e-6))
 
 
+def prompts_with_varied_responses(sample, prompt_ids: list, samples: int, batch: int) -> list:
+    """Indices of the prompts to which `samples` responses, `sample(prompts, index)`'d `batch`
+    prompts at a time, are not all the same text.
+
+    Why: a prompt the policy answers the same way every time gets the same reward on every
+    rollout, so after the critic's baseline its advantage is about zero and its rollouts cost
+    a training pass for no signal. Dropping such prompts before PPO starts (the policy's own
+    agreement with itself; no reward or label is read) spends the iterations where the
+    policy is unsure, as GRPO's dynamic sampling drops groups of equal rewards.
+    """
+    n = len(prompt_ids)
+    answers = [set() for _ in range(n)]
+    for k in range(samples):
+        for i in range(0, n, batch):
+            chunk = [prompt_ids[j % n] for j in range(i, i + batch)]  # the last one wraps
+            for j, response in zip(range(i, min(i + batch, n)),
+                                   sample(chunk, k * n + i).responses):
+                answers[j].add(response)
+    return [i for i in range(n) if len(answers[i]) > 1]
+
+
 def plot_curves(workdir: str, prefix: str = "ppo"):
     """WORKDIR/{prefix}.png: mean score and mean per-sequence KL against iteration."""
     import matplotlib
@@ -283,6 +304,20 @@ def train(config, workdir: str, prompts: list, tokenizer, init_params, model_cfg
     record = run_record.describe(config, cfg, states["policy"].trainable, tokenizer,
                                  states["policy"].opt_state)
     run_record.check_workdir(mngr, record, config.checkpoint.allow_changes)
+    if pc.prompt_filter_samples > 1:
+        # from the starting policy, before any restore: a resumed run keeps the same prompts
+        filter_keys = jax.random.fold_in(jax.random.key(config.seed), 7)
+        kept = prompts_with_varied_responses(
+            lambda ids, i: rollout(generate_fn, states["policy"].params, ids, tokenizer,
+                                   tokenizer.pad_id, jax.random.fold_in(filter_keys, i),
+                                   prompt_len),
+            prompt_ids, int(pc.prompt_filter_samples), tc.batch_size)
+        if not kept:
+            raise ValueError(f"ppo.prompt_filter_samples: the starting policy gave all "
+                             f"{pc.prompt_filter_samples} responses the same for every one of "
+                             f"the {len(prompt_ids)} prompts; nothing is left to train on "
+                             "(set it to 0 to keep every prompt)")
+        prompt_ids = [prompt_ids[i] for i in kept]
     states, start, loop = restore_or_start(mngr, states, state_shardings,
                                            {"beta": float(pc.kl_coef), "score_bias": 0.0,
                                             "score_gain": 1.0})
@@ -350,6 +385,7 @@ def train(config, workdir: str, prompts: list, tokenizer, init_params, model_cfg
             row = {
                 "ppo/score": float(raw_score.mean()), "ppo/kl": kl, "ppo/kl_coef": beta,
                 "ppo/response_length": float(ro.response.sum(1).mean()),
+                "ppo/prompts": len(prompt_ids),
                 "ppo/eos_fraction": float(ro.done.mean()),
                 "ppo/explained_variance": float(rl_math.explained_variance(
                     full["old_values"], full["returns"], ro.response)),
