@@ -3,8 +3,8 @@ reference is the same base (one copy), and a few iterations raise a programmatic
 KL finite; rerunning resumes."""
 
 import json
-import types
 import os
+import types
 
 import jax
 import jax.numpy as jnp

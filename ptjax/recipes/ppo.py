@@ -97,6 +97,12 @@ def rollout(generate_fn, params, prompt_ids, tokenizer, pad_id, rng, prompt_len:
                    responses=responses)
 
 
+def wrapped_batch(items, start: int, batch: int) -> list:
+    """`batch` items from index `start`, wrapping to the first ones past the end, so every
+    batch has the same number of rows (the jitted sampler's shape and the mesh's split)."""
+    return [items[j % len(items)] for j in range(start, start + batch)]
+
+
 def score_normalization(score_of, sample, prompt_ids: list, n: int, batch: int):
     """(bias, gain) that give the starting policy's scores mean 0 and standard deviation 1:
     `score_of(sample(prompts, index))` over the first `n` prompts, `batch` at a time.
@@ -106,8 +112,7 @@ def score_normalization(score_of, sample, prompt_ids: list, n: int, batch: int):
     coefficient is in reward units; normalized, `ppo.kl_coef` means the same for any reward
     model. The statistics are fixed before the first update and checkpointed.
     """
-    scores = np.concatenate([score_of(sample([prompt_ids[j % len(prompt_ids)]
-                                              for j in range(i, i + batch)], i))
+    scores = np.concatenate([score_of(sample(wrapped_batch(prompt_ids, i, batch), i))
                              for i in range(0, n, batch)])
     return float(-scores.mean()), float(1.0 / max(scores.std(), 1e-6))
 
@@ -126,9 +131,9 @@ def prompts_with_varied_responses(sample, prompt_ids: list, samples: int, batch:
     answers = [set() for _ in range(n)]
     for k in range(samples):
         for i in range(0, n, batch):
-            chunk = [prompt_ids[j % n] for j in range(i, i + batch)]  # the last one wraps
-            for j, response in zip(range(i, min(i + batch, n)),
-                                   sample(chunk, k * n + i).responses):
+            for j, response in zip(range(i, min(i + batch, n)),  # wrapped rows not counted
+                                   sample(wrapped_batch(prompt_ids, i, batch),
+                                          k * n + i).responses):
                 answers[j].add(response)
     return [i for i in range(n) if len(answers[i]) > 1]
 
@@ -304,14 +309,19 @@ def train(config, workdir: str, prompts: list, tokenizer, init_params, model_cfg
     record = run_record.describe(config, cfg, states["policy"].trainable, tokenizer,
                                  states["policy"].opt_state)
     run_record.check_workdir(mngr, record, config.checkpoint.allow_changes)
-    if pc.prompt_filter_samples > 1:
-        # from the starting policy, before any restore: a resumed run keeps the same prompts
-        filter_keys = jax.random.fold_in(jax.random.key(config.seed), 7)
-        kept = prompts_with_varied_responses(
-            lambda ids, i: rollout(generate_fn, states["policy"].params, ids, tokenizer,
-                                   tokenizer.pad_id, jax.random.fold_in(filter_keys, i),
-                                   prompt_len),
-            prompt_ids, int(pc.prompt_filter_samples), tc.batch_size)
+    start_params = states["policy"].params  # the starting policy, before any restore
+
+    def sample_start(salt: int):
+        """`sample(prompt_ids, index)`: one response per prompt from the starting policy, keyed
+        by `salt` and `index` (the prompt filter's and the score normalization's samples)."""
+        salt_keys = jax.random.fold_in(jax.random.key(config.seed), salt)
+        return lambda ids, i: rollout(generate_fn, start_params, ids, tokenizer,
+                                      tokenizer.pad_id, jax.random.fold_in(salt_keys, i),
+                                      prompt_len)
+
+    if pc.prompt_filter_samples > 1:  # before any restore: a resumed run keeps the same prompts
+        kept = prompts_with_varied_responses(sample_start(7), prompt_ids,
+                                             int(pc.prompt_filter_samples), tc.batch_size)
         if not kept:
             raise ValueError(f"ppo.prompt_filter_samples: the starting policy gave all "
                              f"{pc.prompt_filter_samples} responses the same for every one of "
@@ -333,23 +343,20 @@ def train(config, workdir: str, prompts: list, tokenizer, init_params, model_cfg
             return np.asarray(score_tokens(ro.tokens, ro.mask, ro.response), np.float32)
         return np.asarray(score_texts(ro.prompts, ro.responses), np.float32)
 
-    norm_keys = jax.random.fold_in(jax.random.key(config.seed), 6)
     last: dict = {}
     streak = 0  # consecutive minibatch updates skipped for a non-finite loss or gradient
     with sharding.use(mesh, rules), preemption.Watch() as preempt:
         bias, gain = float(loop.get("score_bias", 0.0)), float(loop.get("score_gain", 1.0))
         if start == 0 and pc.score_normalization_samples:
             bias, gain = score_normalization(
-                score_of, lambda ids, i: rollout(generate_fn, state.params, ids, tokenizer,
-                                                 tokenizer.pad_id,
-                                                 jax.random.fold_in(norm_keys, i), prompt_len),
-                [prompt_ids[i] for i in order], int(pc.score_normalization_samples), b)
+                score_of, sample_start(6), [prompt_ids[i] for i in order],
+                int(pc.score_normalization_samples), b)
         bar = tqdm(range(start, tc.steps), initial=start, total=tc.steps, desc="ppo",
                    disable=not show_progress or jax.process_index() != 0, dynamic_ncols=True)
         for it in bar:
             key = jax.random.fold_in(keys, it)
             t0 = time.perf_counter()
-            picks = [order[(it * b + i) % len(order)] for i in range(b)]
+            picks = wrapped_batch(order, it * b, b)
             ro = rollout(generate_fn, state.params, [prompt_ids[i] for i in picks], tokenizer,
                          tokenizer.pad_id, jax.random.fold_in(key, 0), prompt_len)
             t1 = time.perf_counter()
